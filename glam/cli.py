@@ -87,7 +87,30 @@ def build_parser() -> argparse.ArgumentParser:
   demo = commands.add_parser("demo", help="train a small model on the built-in corpus, evaluate, generate")
   demo.add_argument("--model_dir", default="runs/demo")
   gin_arguments(demo)
+  parser.commands = commands  # extension modules add their command groups here
   return parser
+
+
+# Command groups that live beside the code they drive. Each module defines
+# `add_commands(commands) -> {command name: handler(args, bindings) -> exit code}`, importing
+# its heavy dependencies inside the handlers so that `glam --help` stays fast.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def extension_handlers(commands) -> dict:
+  import importlib
+  handlers = {}
+  for name in COMMAND_MODULES:
+    handlers.update(importlib.import_module(name).add_commands(commands))
+  return handlers
+
+
+def spell_subcommand(rest: list[str]) -> list[str]:
+  """`glam eval superglue ...` is parsed as the command `eval-superglue`: plain `glam eval` keeps
+  its own flags, so evaluation suites are separate commands with a two-word spelling."""
+  if len(rest) >= 2 and rest[0] == "eval" and not rest[1].startswith("-"):
+    return [f"eval-{rest[1]}"] + rest[2:]
+  return rest
 
 
 def parse_gin(args, bindings) -> None:
@@ -188,11 +211,13 @@ def run_demo(args, bindings) -> int:
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   rest, bindings = split_gin_overrides(argv)
-  args = build_parser().parse_args(rest)
-  from glam.config import ConfigError
+  parser = build_parser()
   handlers = {"train": run_train, "eval": run_eval, "generate": run_generate, "demo": run_demo,
               "vocab": run_vocab_train, "model": run_model_summary,
               "report": run_report}
+  handlers.update(extension_handlers(parser.commands))
+  args = parser.parse_args(spell_subcommand(rest))
+  from glam.config import ConfigError
   try:
     return handlers[args.command](args, bindings)
   except (ConfigError, FileNotFoundError, ValueError) as error:
