@@ -6,6 +6,7 @@
   glam vocab train --input=SPEC --model_prefix=P --vocab_size=N
   glam model summary --gin_file=...                  parameter counts and FLOPs per token
   glam report routing --model_dir=DIR                PNG heatmap of expert load per MoE layer
+  glam experts grow --from=RUN --to=DIR --add=N      Lifelong-MoE growth; `experts upcycle`: dense -> MoE
   glam demo                                          a small model on the built-in corpus, end to end
 """
 import argparse
@@ -43,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
   train = commands.add_parser("train", help="train (or resume) a model")
   gin_arguments(train)
   train.add_argument("--model_dir", required=True, help="run directory: checkpoints, config, metrics")
+  train.add_argument("--dry_run", action="store_true",
+                     help="print the mesh, each parameter's sharding and per-device memory; allocate nothing")
 
   evaluate = commands.add_parser("eval", help="loss / perplexity of a trained model")
   evaluate.add_argument("--model_dir", required=True)
@@ -77,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
   gin_arguments(summary)
   summary.add_argument("--seq_len", type=int, default=None, help="for attention FLOPs (default: train.seq_len)")
   summary.add_argument("--per_parameter", action="store_true", help="list every parameter's shape and axes")
+  summary.add_argument("--mesh", action="store_true",
+                       help="also the sharding on the gin-configured mesh and per-device memory (as train --dry_run)")
 
   report = commands.add_parser("report", help="plots from a run directory")
   report_commands = report.add_subparsers(dest="report_command", required=True)
@@ -94,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Command groups that live beside the code they drive. Each module defines
 # `add_commands(commands) -> {command name: handler(args, bindings) -> exit code}`, importing
 # its heavy dependencies inside the handlers so that `glam --help` stays fast.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("glam.surgery.cli", "glam.surgery.mode_cli", "glam.eval.superglue.cli")
 
 
 def extension_handlers(commands) -> dict:
@@ -121,6 +126,11 @@ def parse_gin(args, bindings) -> None:
 def run_train(args, bindings) -> int:
   from glam.train.trainer import train
   parse_gin(args, bindings)
+  if args.dry_run:
+    from glam.parallel.plan import print_plan
+    return print_plan()
+  from glam.parallel.distributed import initialize_distributed
+  initialize_distributed()  # multi-process runs (launch/*.sh); a no-op otherwise
   result = train(args.model_dir)
   print(json.dumps({"step": result["step"], **{f"eval/{k}": v for k, v in result["eval"].items()}}))
   return 0
@@ -190,6 +200,9 @@ def run_model_summary(args, bindings) -> int:
   print(f"embedding parameters:  {counts['embedding']:>16,}")
   print(f"train FLOPs per token: {flops['train']:>16,.0f}  (seq_len {seq_len})")
   print(json.dumps({**counts, "train_flops_per_token": flops["train"], "seq_len": seq_len}))
+  if args.mesh:
+    from glam.parallel.plan import print_plan
+    return print_plan()
   return 0
 
 

@@ -35,7 +35,8 @@ SHAPE = ["DecoderLM.vocab_size = 8192", "DecoderLM.d_model = 512", "DecoderLM.nu
          "MoeLayer.router = @TokenChoiceRouter", "TokenChoiceRouter.k = 2",
          "MoeLayer.load_balance_weight = 0.01", "MoeLayer.z_loss_weight = 0.0",
          "MoeLayer.group_size = 2048"]
-DISPATCHERS = {"dropless": "MoeLayer.dispatcher = @Dropless()",
+DISPATCHERS = {"dropless": "MoeLayer.dispatcher = @Dropless()",  # auto: the padded layout on CPU
+               "dropless_blocked": "MoeLayer.dispatcher = @Dropless()\nDropless.implementation = 'blocked'",
                "capacity_1.25": "MoeLayer.dispatcher = @CapacityEinsum()\nCapacityEinsum.capacity_factor = 1.25"}
 
 

@@ -65,6 +65,10 @@ def test_capacity_rejects_bad_bindings():
     CapacityEinsum(implementation="dense")
   with pytest.raises(ValueError, match="Dropless.implementation='fast'"):
     Dropless(implementation="fast")
+  with pytest.raises(ValueError, match="Dropless.padded_capacity_factor=0"):
+    Dropless(padded_capacity_factor=0)
+  with pytest.raises(ValueError, match="Dropless.overflow_chunk=0"):
+    Dropless(overflow_chunk=0)
 
 
 # 6 tokens, 2 experts, top-2, capacity 3. First choices: expert 0 <- t0, t1; expert 1 <- t2..t5.
@@ -135,7 +139,8 @@ def test_dropless_equals_capacity_when_nothing_drops(k):
   roomy = dict(capacity_factor=100.0, eval_capacity_factor=100.0)  # capacity = tokens: nothing drops
   y_ref, grads_ref = forward_and_grads(CapacityEinsum(**roomy, implementation="einsum"), experts, x, routing)
   for dispatcher in (CapacityEinsum(**roomy, implementation="gather"),
-                     Dropless(implementation="blocked", block_size=4), Dropless(implementation="ragged_dot")):
+                     Dropless(implementation="blocked", block_size=4), Dropless(implementation="ragged_dot"),
+                     Dropless(implementation="padded", padded_capacity_factor=0.5, overflow_chunk=3)):  # overflows
     y, grads = forward_and_grads(dispatcher, experts, x, routing)
     np.testing.assert_allclose(y, y_ref, atol=1e-5, err_msg=str(dispatcher))
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):  # experts, x, gates

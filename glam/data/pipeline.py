@@ -15,10 +15,16 @@ Batch fields, each [rows, seq_len]:
   loss_weights  float32  1 on real tokens, 0 on padding
   domain_ids    int32    index into `domain_names`; -1 on padding
 Rows are always full (the stream never ends), so padding appears only if a caller makes it.
+A source with `yields_examples` (input/target examples, glam/data/examples.py) is packed whole
+example by example instead: rows may end in padding, input tokens weigh 0, and with the source's
+`prefix_lm` the batch also has `prefix_mask` [rows, seq_len] int32 (1 on the inputs).
 """
+import functools
+
 import gin
 import numpy as np
 
+from glam.data.examples import ExamplePacker, fetch_example
 from glam.data.packing import SlotPacker, empty_batch
 from glam.data.permutation import IndexPermutation
 
@@ -64,7 +70,7 @@ class LmPipeline:
     self._permutations: dict[int, IndexPermutation] = {}
     rows = batch_size // process_count
     self.slots = range(process_index * rows, (process_index + 1) * rows)
-    self._packers = [SlotPacker(slot, 0, batch_size, self._fetch) for slot in self.slots]
+    self._packers = [self._new_packer(slot, 0) for slot in self.slots]
     self.batches = 0  # produced since the start of the stream (restored with the state)
 
   def document_index(self, stream_index: int) -> int:
@@ -80,6 +86,12 @@ class LmPipeline:
         self._permutations.clear()
       self._permutations[epoch] = IndexPermutation(count, (self.seed, epoch))
     return self._permutations[epoch](index)
+
+  def _new_packer(self, index: int, offset: int):
+    if getattr(self.source, "yields_examples", False):  # input/target examples: glam/data/examples.py
+      return ExamplePacker(index, offset, self.batch_size, functools.partial(fetch_example, self),
+                           prefix_lm=getattr(self.source, "prefix_lm", False))
+    return SlotPacker(index, offset, self.batch_size, self._fetch)
 
   def _fetch(self, stream_index: int) -> tuple[np.ndarray, int]:
     index = self.document_index(stream_index)
@@ -137,8 +149,7 @@ class LmPipeline:
       if cursor[0] % self.batch_size != slot:
         raise ValueError(f"LmPipeline.restore: cursor {cursor} is not valid for row slot {slot} "
                          f"(its stream index must be {slot} + k * batch_size={self.batch_size})")
-    self._packers = [SlotPacker(int(index), int(offset), self.batch_size, self._fetch)
-                     for index, offset in cursors]
+    self._packers = [self._new_packer(int(index), int(offset)) for index, offset in cursors]
     self.batches = int(state.get("batches", 0))
 
 

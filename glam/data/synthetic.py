@@ -163,3 +163,19 @@ class SyntheticCorpus:
 
   def __repr__(self) -> str:
     return f"SyntheticCorpus(seed={self.seed}, domains={self.domain_names})"
+
+
+# Where each domain's answer starts: after the last occurrence of the separator. A sentence's
+# "answer" is its last word and the final " .", a grammar cloze.
+ANSWER_SEPARATORS = {"arithmetic": "=", "copy": "| ", "reverse": "| ", "kv_recall": "? "}
+
+
+def split_example(text: str, domain: str) -> tuple[str, str]:
+  """A document as a (question, answer) pair, for instruction tuning on the built-in corpus:
+  "12+30=42, 7*8=56" -> ("12+30=42, 7*8=", "56"); "copy: abc | abc" -> ("copy: abc | ", "abc")."""
+  separator = ANSWER_SEPARATORS.get(domain)
+  if separator is None:
+    question, _, last = text[:-2].rpartition(" ")  # text ends with " ."
+    return question + " ", last + " ."
+  question, separator, answer = text.rpartition(separator)
+  return question + separator, answer

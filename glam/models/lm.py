@@ -11,6 +11,7 @@ from glam.layers.embedding import Embed
 from glam.layers.masks import attention_mask
 from glam.layers.norms import RMSNorm
 from glam.models.blocks import Block, parse_block_spec
+from glam.parallel.constraints import TOKENS, constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = {
@@ -117,7 +118,7 @@ class DecoderLM(nnx.Module):
       new_cache = {"index": index + length, "segments": key_segments, "positions": key_positions,
                    "prefix": key_prefix}
 
-    x = self.embed(inputs)
+    x = constrain(self.embed(inputs), TOKENS)  # rows over the batch axes from the start
     x, layer_cache, aux = self._run_blocks(x, ctx, layer_cache)
     x = self.final_norm(x)
     if self.tie_embeddings:

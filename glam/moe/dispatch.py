@@ -217,27 +217,94 @@ class CapacityEinsum:
     return y, {"dropped_fraction": jnp.zeros((), jnp.float32), "expert_load": _expert_load(kept_per_expert)}
 
 
+DROPLESS_IMPLEMENTATIONS = IMPLEMENTATIONS + ("padded",)
+
+
+def padded_dropless_maps(expert: jax.Array, num_experts: int, capacity: int, overflow_rows: int):
+  """Where each assignment goes in the padded layout: main slots [experts, capacity], then overflow.
+
+  expert [assignments] int32 (num_experts = not routed). Assignments keep token order within their
+  expert; the first `capacity` of each expert fill its slots (row expert * capacity + position), the
+  rest go to the overflow rows (row experts * capacity + j), which are sorted by expert.
+  Returns (row_assignment [rows], assignment_row [assignments], sizes [experts], overflow_sizes
+  [experts]); map entries out of range mean "none". Built from a sort and gathers only (scatters are slow on XLA:CPU).
+  """
+  assignments = expert.shape[0]
+  order = jnp.argsort(expert, stable=True).astype(jnp.int32)  # sorted position -> assignment
+  inverse = jnp.argsort(order).astype(jnp.int32)  # assignment -> sorted position
+  sizes = jnp.sum(jax.nn.one_hot(expert, num_experts, dtype=jnp.int32), axis=0)  # [experts]
+  starts = jnp.cumsum(sizes) - sizes
+  overflow_sizes = jnp.maximum(sizes - capacity, 0)
+  overflow_ends = jnp.cumsum(overflow_sizes)
+  overflow_starts = overflow_ends - overflow_sizes
+  main_rows = num_experts * capacity
+  none = main_rows + overflow_rows
+
+  routed = expert < num_experts
+  safe_expert = jnp.minimum(expert, num_experts - 1)
+  position = inverse - starts[safe_expert]  # [assignments] rank within the expert, token order
+  overflow_row = main_rows + overflow_starts[safe_expert] + position - capacity
+  assignment_row = jnp.where(position < capacity, safe_expert * capacity + position, overflow_row)
+  assignment_row = jnp.where(routed, assignment_row, none)
+
+  slot = jnp.arange(capacity, dtype=jnp.int32)
+  main_sorted = starts[:, None] + slot  # [experts, capacity] sorted position of each slot
+  main_assignment = jnp.where((slot < sizes[:, None]).reshape(-1), _take(order, main_sorted.reshape(-1)),
+                              assignments)
+  j = jnp.arange(overflow_rows, dtype=jnp.int32)
+  owner = jnp.searchsorted(overflow_ends, j, side="right").astype(jnp.int32)  # [overflow_rows] expert
+  safe_owner = jnp.minimum(owner, num_experts - 1)
+  overflow_sorted = starts[safe_owner] + capacity + j - overflow_starts[safe_owner]
+  overflow_assignment = jnp.where(owner < num_experts, _take(order, overflow_sorted), assignments)
+  row_assignment = jnp.concatenate([main_assignment, overflow_assignment])
+  return row_assignment, assignment_row.astype(jnp.int32), sizes, overflow_sizes.astype(jnp.int32)
+
+
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class Dropless:
-  """Every routed assignment is computed: sort by expert, grouped matmul, unsort, combine.
+  """Every routed assignment is computed: nothing is dropped.
 
-  Choices with gate 0 (not routed) are sorted past the last expert and skip the experts.
+  Choices with gate 0 (not routed) skip the experts. Two layouts:
+  - "padded" (the CPU default): each expert gets `capacity = ceil(padded_capacity_factor * k *
+    tokens / experts)` slots filled in token order and run as one batched einsum (as fast as a dense
+    FFN of the same FLOPs on XLA:CPU); assignments past an expert's slots go to overflow rows,
+    sorted by expert and run chunk by chunk through the whole expert FFN, which only computes the
+    rows that are there (glam/moe/chunked_ffn.py). Moving rows in and out is one gather each way (custom backward: the inverse
+    gather), never a scatter.
+  - "blocked" / "ragged_dot": sort every assignment by expert and run the grouped matmul on all of
+    them ("ragged_dot" is native on GPU/TPU; on CPU a fallback doing num_experts times the work).
 
   Args:
-    implementation: the grouped matmul: "auto" (ragged_dot on GPU/TPU, blocked on CPU), "blocked"
-      or "ragged_dot" (on CPU a fallback that does num_experts times the work).
-    block_size: rows per full chunk of the blocked grouped matmul (tails use halvings of it).
+    implementation: "auto" (ragged_dot on GPU/TPU, padded elsewhere), "padded", "blocked" or
+      "ragged_dot".
+    block_size: rows per full chunk of the blocked grouped matmul (tails use eighths of it).
+    padded_capacity_factor: slots per expert in the padded layout, as a multiple of the perfectly
+      balanced load (1.0: no padding at perfect balance; larger: fewer overflow rows, more padding).
+    overflow_chunk: rows per step of the padded layout's overflow pass (each step runs a whole
+      expert FFN on that many rows; see glam/moe/chunked_ffn.py).
   """
 
   implementation: str = "auto"
   block_size: int = 256
+  padded_capacity_factor: float = 1.0
+  overflow_chunk: int = 32
 
   def __post_init__(self):
-    if self.implementation not in IMPLEMENTATIONS:
-      raise ValueError(f"Dropless.implementation={self.implementation!r}: expected one of {list(IMPLEMENTATIONS)}")
+    if self.implementation not in DROPLESS_IMPLEMENTATIONS:
+      raise ValueError(f"Dropless.implementation={self.implementation!r}: expected one of "
+                       f"{list(DROPLESS_IMPLEMENTATIONS)}")
     if self.block_size < 1:
       raise ValueError(f"Dropless.block_size={self.block_size}: must be >= 1")
+    if self.overflow_chunk < 1:
+      raise ValueError(f"Dropless.overflow_chunk={self.overflow_chunk}: must be >= 1")
+    if not self.padded_capacity_factor > 0:
+      raise ValueError(f"Dropless.padded_capacity_factor={self.padded_capacity_factor}: must be > 0")
+
+  def resolved_implementation(self) -> str:
+    if self.implementation == "auto":
+      return "ragged_dot" if jax.default_backend() in ("gpu", "tpu") else "padded"
+    return self.implementation
 
   def __call__(self, x: jax.Array, routing, experts, ctx) -> tuple[jax.Array, dict]:
     if isinstance(routing, ExpertChoiceRouting):
@@ -248,11 +315,37 @@ class Dropless:
     assignments = groups * tokens * k
     gates = routing.gates.reshape(assignments)
     expert = jnp.where(gates > 0, routing.expert_index.reshape(assignments), num_experts)  # not routed -> last
+    if self.resolved_implementation() == "padded":
+      back, group_sizes = self._padded(x.reshape(groups * tokens, d_model), expert, k, experts, ctx)
+    else:
+      back, group_sizes = self._sorted(x.reshape(groups * tokens, d_model), expert, k, experts, ctx)
+    back = back.reshape(groups, tokens, k, d_model)  # token-major
+    y = jnp.einsum("gtkm,gtk->gtm", back, routing.gates.astype(back.dtype))  # [groups, tokens, d_model]
+    return y, {"dropped_fraction": jnp.zeros((), jnp.float32), "expert_load": _expert_load(group_sizes)}
+
+  def padded_capacity(self, assignments: int, num_experts: int) -> int:
+    return max(1, min(assignments, math.ceil(self.padded_capacity_factor * assignments / num_experts)))
+
+  def _padded(self, x_tokens, expert, k, experts, ctx):
+    """x_tokens [tokens, d_model] -> (each assignment's expert output [assignments, d_model], sizes)."""
+    num_experts, d_model = experts.num_experts, x_tokens.shape[-1]
+    assignments = expert.shape[0]
+    capacity = self.padded_capacity(assignments, num_experts)
+    main_rows = num_experts * capacity
+    overflow_rows = assignments - capacity  # the most there can be: every assignment in one expert
+    row_assignment, assignment_row, sizes, overflow_sizes = padded_dropless_maps(
+        expert, num_experts, capacity, overflow_rows)
+    rows = to_expert_rows(x_tokens, row_assignment, assignment_row, k)  # [main + overflow rows, d_model]
+    main, overflow = experts.padded(rows[:main_rows].reshape(num_experts, capacity, d_model), rows[main_rows:],
+                                    overflow_sizes, ctx, chunk=self.overflow_chunk)  # [E, C, d_model], [overflow, d_model]
+    out = jnp.concatenate([main.reshape(main_rows, d_model), overflow.astype(main.dtype)])
+    return to_assignments(out, row_assignment, assignment_row), sizes
+
+  def _sorted(self, x_tokens, expert, k, experts, ctx):
+    num_experts, assignments = experts.num_experts, expert.shape[0]
     order = jnp.argsort(expert, stable=True).astype(jnp.int32)  # sorted row -> assignment (token-major)
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(assignments, dtype=jnp.int32), unique_indices=True)
     group_sizes = jnp.sum(jax.nn.one_hot(expert, num_experts, dtype=jnp.int32), axis=0)  # [experts]
-    rows = to_expert_rows(x.reshape(groups * tokens, d_model), order, inverse, k)  # [assignments, d_model]
+    rows = to_expert_rows(x_tokens, order, inverse, k)  # [assignments, d_model]
     out = experts.grouped(rows, group_sizes, ctx, implementation=self.implementation, block_size=self.block_size)
-    back = to_assignments(out, order, inverse).reshape(groups, tokens, k, d_model)  # token-major again
-    y = jnp.einsum("gtkm,gtk->gtm", back, routing.gates.astype(back.dtype))  # [groups, tokens, d_model]
-    return y, {"dropped_fraction": jnp.zeros((), jnp.float32), "expert_load": _expert_load(group_sizes)}
+    return to_assignments(out, order, inverse), group_sizes

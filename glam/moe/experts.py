@@ -1,4 +1,6 @@
 """Stacked expert FFNs: weights [experts, d_model, d_ff], applied batched or to sorted rows."""
+import functools
+
 import gin
 import jax
 import jax.numpy as jnp
@@ -6,6 +8,7 @@ from flax import nnx
 
 from glam.layers.context import LayerContext, dropout
 from glam.layers.feedforward import GATED, apply_activation, check_activation
+from glam.moe.chunked_ffn import chunked_ffn, padded_ffn
 from glam.moe.grouped_matmul import grouped_matmul
 
 DROPOUT_SALT = 3  # FeedForward uses 2, attention 1: expert dropout draws its own mask
@@ -80,9 +83,36 @@ class Experts(nnx.Module):
     hidden = dropout(apply_activation(self.activation, hidden, gate), self.dropout_rate, ctx, DROPOUT_SALT)
     return matmul(hidden, self.wo)  # [N, d_model]
 
+  def chunked(self, rows: jax.Array, group_sizes: jax.Array, ctx: LayerContext, *, chunk: int = 32) -> jax.Array:
+    """Like `grouped`, but each chunk of rows goes through the whole FFN at once (see chunked_ffn.py):
+    for few rows in a large buffer. With expert dropout in training it falls back to `grouped`."""
+    if self.dropout_rate > 0 and not ctx.deterministic:
+      return self.grouped(rows, group_sizes, ctx, implementation="blocked", block_size=8 * chunk)
+    dt = self.dtype
+    w_gate = self.wi_gate[...].astype(dt) if self.wi_gate is not None else None
+    return chunked_ffn(rows.astype(dt), self.wi[...].astype(dt), w_gate, self.wo[...].astype(dt), group_sizes,
+                       _activation_fn(self.activation), chunk=chunk)
+
+  def padded(self, main: jax.Array, overflow: jax.Array, overflow_sizes: jax.Array, ctx: LayerContext, *,
+             chunk: int = 32) -> tuple[jax.Array, jax.Array]:
+    """main [E, C, d_model] (C rows per expert) and overflow rows [N, d_model] sorted by expert
+    (overflow_sizes [E]) -> the same shapes, in one custom VJP (see chunked_ffn.padded_ffn)."""
+    if self.dropout_rate > 0 and not ctx.deterministic:
+      return self(main, ctx), self.chunked(overflow, overflow_sizes, ctx, chunk=chunk)
+    dt = self.dtype
+    w_gate = self.wi_gate[...].astype(dt) if self.wi_gate is not None else None
+    return padded_ffn(main.astype(dt), overflow.astype(dt), self.wi[...].astype(dt), w_gate,
+                      self.wo[...].astype(dt), overflow_sizes, _activation_fn(self.activation), chunk=chunk)
+
   def parameter_count(self) -> int:
     return sum(w[...].size for w in (self.wi, self.wi_gate, self.wo) if w is not None)
 
   def active_parameter_count(self, experts_per_token: float) -> int:
     """Expert parameters one token uses: experts_per_token / E of them (k, or EC's capacity factor)."""
     return round(self.parameter_count() * experts_per_token / self.num_experts)
+
+
+@functools.cache
+def _activation_fn(activation: str):
+  """One function object per activation: chunked_ffn's custom VJP takes it as a static argument."""
+  return functools.partial(apply_activation, activation)

@@ -17,6 +17,7 @@ from glam.moe.dispatch import CapacityEinsum, Dropless
 from glam.moe.experts import Experts
 from glam.moe.losses import load_balancing_loss, router_z_loss, routing_statistics
 from glam.moe.routers import ExpertChoiceRouter, ExpertChoiceRouting, TokenChoiceRouter
+from glam.parallel.constraints import GROUPED_TOKENS, ExpertShardedCall, constrain
 
 
 def _param_count(module) -> int:
@@ -87,12 +88,15 @@ class MoeLayer(nnx.Module):
   def __call__(self, x: jax.Array, ctx: LayerContext, cache=None):
     batch, length, d_model = x.shape
     grouped, mask = self._groups(x, ctx.token_mask)  # [groups, tokens, d_model], [groups, tokens]
+    grouped = constrain(grouped, GROUPED_TOKENS)  # groups over the batch axes
     decoding = ctx.cache_index is not None
     if decoding and isinstance(self.router, ExpertChoiceRouter):
       routing = self.router.decode_routing(grouped, token_mask=mask)  # causal fallback, see the router
     else:
       routing = self.router(grouped, deterministic=ctx.deterministic, rng=ctx.rng, token_mask=mask)
-    y, dispatch_stats = self.dispatcher(grouped, routing, self.experts, ctx)
+    # GSPMD expert parallelism: the capacity path's [experts, rows, d_model] is split over `expert`.
+    experts = ExpertShardedCall(self.experts) if isinstance(self.dispatcher, CapacityEinsum) else self.experts
+    y, dispatch_stats = self.dispatcher(grouped, routing, experts, ctx)
     y = y.reshape(-1, d_model)[: batch * length].reshape(batch, length, d_model)
 
     aux = {"loss_router_z": self.z_loss_weight * router_z_loss(routing.logits, mask)}

@@ -24,9 +24,12 @@ class LoadedModel(NamedTuple):
 def binding(name: str, default):
   """The value a parsed config binds to `name`, or `default` when it is unbound."""
   try:
-    return gin.query_parameter(name)
+    value = gin.query_parameter(name)
   except ValueError:
     return default
+  if isinstance(value, gin.config.ConfigurableReference):  # `train.model = @MoDELM`: the configurable itself
+    return value.scoped_configurable_fn() if value.evaluate else value.scoped_configurable_fn
+  return value
 
 
 def load_trained(model_dir: str, step: int | None = None, bindings=()) -> LoadedModel:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from glam.train.distill import kl_divergence
 from glam.train.optimizers import current_learning_rate, skipped_updates
 
 
@@ -27,45 +28,53 @@ def forward(graphdef, params, batch, *, deterministic: bool, rng=None):
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, seed: int = 0,
-                    z_loss: float = 0.0, grad_accum_steps: int = 1) -> Callable:
-  """Returns train_step(state, batch) -> (state, metrics).
+                    z_loss: float = 0.0, grad_accum_steps: int = 1, distill=None) -> Callable:
+  """Returns train_step(state, batch[, teacher_params]) -> (state, metrics).
 
   z_loss: coefficient of the output-logit z-loss mean(log Z^2) (praxis GLaM uses 1e-4; 0 = off).
   grad_accum_steps: the batch is split into this many micro-batches whose gradients are summed
     before one update; the result equals one big batch up to float rounding.
+  distill: (teacher_graphdef, weight): add weight * KL(p_teacher || p_model) averaged over target
+    tokens (glam/train/distill.py); the step then takes the frozen teacher_params as third argument.
   """
 
-  def micro_loss(params, micro, rng, total_weight):
+  def micro_loss(params, micro, rng, total_weight, teacher_params=None):
     out = forward(graphdef, params, micro, deterministic=False, rng=rng)
     nll, log_z = token_losses(out.logits, micro["targets"])
     weights = micro["loss_weights"]
     nll_sum = jnp.sum(nll * weights)
     z_sum = jnp.sum(jnp.square(log_z) * weights)
     loss = (nll_sum + z_loss * z_sum) / total_weight + out.aux_loss / grad_accum_steps
+    kl_sum = jnp.zeros((), jnp.float32)
+    if distill is not None:
+      teacher_logits = jax.lax.stop_gradient(forward(distill[0], teacher_params, micro, deterministic=True).logits)
+      kl_sum = jnp.sum(kl_divergence(teacher_logits, out.logits) * weights)
+      loss = loss + distill[1] * kl_sum / total_weight
     correct = jnp.sum((jnp.argmax(out.logits, -1) == micro["targets"]) * weights)
-    stats = {"nll_sum": nll_sum, "z_sum": z_sum, "correct": correct, "aux_loss": out.aux_loss / grad_accum_steps}
+    stats = {"nll_sum": nll_sum, "z_sum": z_sum, "correct": correct, "aux_loss": out.aux_loss / grad_accum_steps,
+             "kl_sum": kl_sum}
     routing = jax.tree.map(lambda v: v / grad_accum_steps, out.metrics)
     return loss, (stats, routing)
 
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
-  def train_step(state: dict[str, Any], batch: dict[str, jax.Array]):
+  def train_step(state: dict[str, Any], batch: dict[str, jax.Array], teacher_params=None):
     params = state["params"]
     rng = jax.random.fold_in(jax.random.key(seed), state["step"])
     total_weight = jnp.maximum(jnp.sum(batch["loss_weights"]), 1.0)
     if grad_accum_steps == 1:
-      (_, (stats, routing)), grads = grad_fn(params, batch, rng, total_weight)
+      (_, (stats, routing)), grads = grad_fn(params, batch, rng, total_weight, teacher_params)
     else:
       micro_batches = jax.tree.map(
           lambda x: x.reshape((grad_accum_steps, x.shape[0] // grad_accum_steps) + x.shape[1:]), batch)
 
       def accumulate(carry, xs):
         micro, index = xs
-        (_, aux), grads = grad_fn(params, micro, jax.random.fold_in(rng, index), total_weight)
+        (_, aux), grads = grad_fn(params, micro, jax.random.fold_in(rng, index), total_weight, teacher_params)
         return jax.tree.map(jnp.add, carry, (grads, aux)), None
 
       zero_aux = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro_batches),
-                                                rng, total_weight)[0][1])
+                                                rng, total_weight, teacher_params)[0][1])
       zeros = jax.tree.map(jnp.zeros_like, (params, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zero_aux)))
       (grads, (stats, routing)), _ = jax.lax.scan(accumulate, zeros,
                                                   (micro_batches, jnp.arange(grad_accum_steps)))
@@ -76,6 +85,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, seed: 
         "z_loss": stats["z_sum"] / total_weight,
         "aux_loss": stats["aux_loss"],
         "accuracy": stats["correct"] / total_weight,
+        **({"distill_kl": stats["kl_sum"] / total_weight} if distill is not None else {}),
         "grad_norm": optax.tree.norm(grads),
         "param_norm": optax.tree.norm(params),
         "skipped_updates": skipped_updates(opt_state),

@@ -22,7 +22,14 @@ from glam.data.vocab import get_vocabulary
 from glam.models.lm import DecoderLM
 from glam.models.summary import abstract_model, count_parameters, flops_per_token
 from glam.train.checkpoint import Checkpointer
+from glam.train.init_checkpoint import init_from_checkpoint
+from glam.parallel.distributed import gather_process_states
+from glam.parallel.mesh import check_batch_divides, make_mesh, replicated
+from glam.parallel.sharding import abstract_with_shardings
+from glam.parallel.train_state import constrain_outputs, global_batch, on_mesh, place_state, train_state_shardings
 from glam.train.flops import measure_matmul_peak
+from glam.train.distill import load_teacher
+from glam.train.freezing import freeze_updates
 from glam.train.metrics import MetricWriter
 from glam.train.optimizers import make_optimizer
 from glam.train.progress import Progress
@@ -91,7 +98,9 @@ def train(model_dir: str, *, num_steps: int = 1000, batch_size: int = 16, seq_le
           seed: int = 0, data_seed: int = 0, log_every: int = 10, eval_every: int = 200,
           num_eval_batches: int = 4, grad_accum_steps: int = 1, z_loss: float = 0.0,
           model: Callable = DecoderLM, measure_peak: bool = True, progress_bar: bool = True,
-          stop_after: int | None = None) -> dict:
+          stop_after: int | None = None, init_checkpoint: str | None = None,
+          init_allow_missing: tuple = (), distill_from: str | None = None,
+          distill_weight: float = 1.0) -> dict:
   """Trains `model` on `data` in `model_dir`, resuming from its latest checkpoint if any.
 
   Args:
@@ -106,6 +115,13 @@ def train(model_dir: str, *, num_steps: int = 1000, batch_size: int = 16, seq_le
     z_loss: output-logit z-loss coefficient (0 = off; praxis GLaM uses 1e-4).
     measure_peak: time a matmul at start so that model-FLOP utilisation can be reported.
     stop_after: stop (with a checkpoint) after this many steps of *this* run; for tests and schedulers.
+    init_checkpoint: start from this run's / checkpoint's parameters (fresh optimizer and step) when
+      model_dir has no checkpoint yet (default None); init_allow_missing: regexes of parameter
+      paths that may be absent from it and keep their fresh init (glam/train/init_checkpoint.py).
+    distill_from: a previous-stage run directory; its frozen model's next-token distribution
+      regularises this one: + distill_weight * KL(p_old || p_new) (glam/train/distill.py). None = off.
+    distill_weight: lambda. Lifelong-MoE's value is not in our sources (specs/moe-papers.md section 4);
+      1.0 weighs the KL like the LM loss, as in Learning without Forgetting (Li & Hoiem 2017).
   Returns the last train metrics and the final eval results.
   """
   glam_config.check(num_steps > 0, "train.num_steps", num_steps, "must be positive")
@@ -128,27 +144,47 @@ def train(model_dir: str, *, num_steps: int = 1000, batch_size: int = 16, seq_le
   graphdef, params = build_model(model, seed)
   model_info = abstract_model(model, seed)
   check_vocab_fits(model_info.vocab_size, vocab)
-  optimizer = make_optimizer()
+  optimizer = freeze_updates(make_optimizer(), model_info)  # freeze.patterns / first_experts
   state = {"step": np.int32(0), "params": params, "opt_state": optimizer.init(params)}
+  # Shardings from the parameters' logical axes (configs/mesh/*.gin; default: one device).
+  mesh = make_mesh()
+  check_batch_divides(batch_size, mesh)
+  shardings = train_state_shardings(state, model_info, mesh)
+  state = place_state(state, shardings)
+  eval_set = [global_batch(b, mesh, process_local=False) for b in eval_set]
 
   # 3. Resume from the latest good checkpoint, if there is one.
   checkpointer = Checkpointer(os.path.join(model_dir, CHECKPOINT_SUBDIR))
   metadata = {"vocab": vocab.fingerprint, "vocab_size": vocab.size}
   if checkpointer.latest_step() is not None:
-    restored = checkpointer.restore(jax.eval_shape(lambda: state))
+    restored = checkpointer.restore(abstract_with_shardings(state, shardings))  # onto this run's mesh
     if restored.metadata and restored.metadata.get("vocab") not in (None, vocab.fingerprint):
       raise ValueError(f"{model_dir}: the checkpoint was trained with vocabulary {restored.metadata['vocab']}, "
                        f"this run uses {vocab.fingerprint}; set train.vocab_path to the original vocabulary")
     state = restored.state
-    pipeline.restore(restored.data_state[data_state_key(process_index)])
+    saved_position = restored.data_state.get(data_state_key(process_index))
+    if saved_position is not None:  # None: written by `glam experts grow --reset_data` (new data)
+      pipeline.restore(saved_position)
     print(f"glam: resumed from {model_dir} at step {restored.step}", file=sys.stderr)
+  elif init_checkpoint:  # fine-tuning: another run's parameters, a fresh optimizer and step
+    state = place_state(init_from_checkpoint(state, init_checkpoint, vocab.fingerprint, optimizer,
+                                             init_allow_missing), shardings)
   config_text = glam_config.operative_config() or glam_config.config_str()
   glam_config.save_text(os.path.join(model_dir, "config.gin"), glam_config.config_str())
 
+  # Lifelong-MoE: the frozen previous-stage model, an input of every step (never updated).
+  teacher = load_teacher(distill_from, model_info.vocab_size) if distill_from else None
+  glam_config.check(distill_weight >= 0, "train.distill_weight", distill_weight, "must be >= 0")
+
   # 4. Compile the pure steps once.
-  train_step = jax.jit(make_train_step(graphdef, optimizer, seed=seed, z_loss=z_loss,
-                                       grad_accum_steps=grad_accum_steps), donate_argnums=(0,))
-  eval_step = jax.jit(make_eval_step(graphdef, len(domains)))
+  train_step = on_mesh(mesh, jax.jit(constrain_outputs(
+      make_train_step(graphdef, optimizer, seed=seed, z_loss=z_loss, grad_accum_steps=grad_accum_steps,
+                      distill=None if teacher is None else (teacher[0], distill_weight)),
+      mesh, shardings), donate_argnums=(0,)))
+  if teacher is not None:
+    teacher_params, distill_step = jax.device_put(teacher[1], replicated(mesh)), train_step
+    train_step = lambda state, batch: distill_step(state, batch, teacher_params)
+  eval_step = on_mesh(mesh, jax.jit(constrain_outputs(make_eval_step(graphdef, len(domains)), mesh)))
   flops = flops_per_token(model_info, seq_len)["train"]
   peak = measure_matmul_peak() if measure_peak else None
   start_step = int(state["step"])
@@ -164,7 +200,7 @@ def train(model_dir: str, *, num_steps: int = 1000, batch_size: int = 16, seq_le
   with StopRequested() as stop:
     last_time, last_step = time.perf_counter(), start_step
     while step < num_steps:
-      batch = next(pipeline)
+      batch = global_batch(next(pipeline), mesh)  # this process's rows -> one global array
       state, step_metrics = train_step(state, batch)
       step += 1
       if step % log_every == 0 or step == num_steps:
@@ -192,7 +228,7 @@ def train(model_dir: str, *, num_steps: int = 1000, batch_size: int = 16, seq_le
         progress.write(f"step {step}: eval loss {eval_results['loss']:.4f}")
       stopping = bool(stop) or (stop_after is not None and step - start_step >= stop_after)
       if checkpointer.should_save(step) or step == num_steps or stopping:
-        checkpointer.save(step, state, {data_state_key(process_index): pipeline.state()}, config_text, force=True, metadata=metadata)
+        checkpointer.save(step, state, gather_process_states(data_state_key(process_index), pipeline.state()), config_text, force=True, metadata=metadata)
       if stopping:
         break
   progress.close()

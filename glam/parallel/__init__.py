@@ -1,0 +1,1 @@
+"""Meshes, logical axis rules, sharded train state and batches, multi-process launch."""
