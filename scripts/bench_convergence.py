@@ -151,6 +151,9 @@ def read_curves(run_dir: str, info: dict) -> dict:
       # training seconds at each evaluation, interpolated on the logged steps
       "eval_time": np.interp(eval_steps, np.concatenate([[0], log_steps]), train_time),
       "train_time": train_time[1:], "median_step_s": median_step_s,
+      # token choice: routed assignments past capacity, mean over the MoE layers and logged steps
+      "dropped_fraction": (float(np.mean([train_rows[s]["dropped_fraction"] for s in log_steps]))
+                           if "dropped_fraction" in train_rows[int(log_steps[-1])] else None),
       "tokens_per_s": tokens_per_step / median_step_s,
       "compile_s": max(0.0, float(tokens_per_step * widths[0] / train_rows[int(log_steps[0])]["tokens_per_s"]
                                   - widths[0] * median_step_s)),
@@ -208,6 +211,7 @@ def report_markdown(names: list[str], infos: dict, curves: dict, targets: list[f
       ("compilation (about)", lambda n: f"{curves[n]['compile_s']:.0f} s"),
       ("training time (see note)", lambda n: f"{curves[n]['train_time'][-1]:.0f} s"),
       ("whole run, measured", lambda n: f"{infos[n]['run_wall_s']:.0f} s"),
+      ("dropped assignments (mean)", lambda n: fmt(curves[n]["dropped_fraction"], ".3f", "-")),
       ("final held-out loss", lambda n: f"{curves[n]['eval_loss'][-1]:.4f}"),
       ("final train loss", lambda n: f"{curves[n]['train_loss'][-1]:.4f}"),
   ]
