@@ -35,7 +35,7 @@ DISPATCHERS = {  # name -> (dispatcher, target ratio from the issue, note)
     "capacity_1.25_einsum": (CapacityEinsum(capacity_factor=1.25, implementation="einsum"), None,
                              "GShard one-hot einsums"),
     "dropless_padded": (Dropless(implementation="padded"), 1.2,
-                        "padded [E, C] einsum + blocked overflow (auto on CPU)"),
+                        "padded [E, C] einsum + chunked overflow (auto on CPU)"),
     "dropless_blocked": (Dropless(implementation="blocked"), None, "every row through the blocked grouped matmul"),
     "dropless_ragged_dot": (Dropless(implementation="ragged_dot"), None,
                             "CPU fallback: JAX masks the input once per expert"),

@@ -6,9 +6,10 @@ slots and bring the gated outputs back; assignments past capacity are dropped (t
 nothing from that expert; the residual connection around the layer carries it). Expert choice:
 each expert's slots are its chosen tokens, so nothing is dropped.
 
-Dropless: sort the (token, choice) assignments by expert, run the experts' grouped matmuls on the
-sorted rows, unsort and combine: nothing is dropped and nothing is padded beyond the grouped
-matmul's chunks.
+Dropless: nothing is dropped. On CPU (padded): each expert's first C assignments fill C slots run
+as one batched einsum, the rest run chunk by chunk (glam/moe/chunked_ffn.py). Sorted (GPU/TPU, or
+"blocked"): sort the (token, choice) assignments by expert, run the experts' grouped matmuls on
+the sorted rows, unsort and combine.
 
 stats: "dropped_fraction" (routed assignments, gate > 0, dropped for capacity) and "expert_load"
 [experts] (each expert's share of the kept assignments; zeros if nothing was kept).

@@ -24,6 +24,10 @@ rest (about 0.4x of the dense FFN) is memory traffic a batched einsum does not h
 XLA:CPU dot cannot read or write at a dynamic offset: each chunk's input is sliced out, its output
 written back, each group's weight copied out of the stack, each dw chunk added to an accumulator.
 
+Because of that traffic, Dropless on CPU defaults to a padded layout instead (a batched einsum
+over [experts, capacity] slots plus a chunked pass over the overflow: dispatch.py, chunked_ffn.py);
+this blocked path stays for Dropless(implementation="blocked") and expert-parallel dispatch.
+
 Rows after sum(group_sizes) belong to no group: their output and their gradient are zero (as
 with ragged_dot).
 """
