@@ -93,7 +93,9 @@ def main():
   stage2 = [*run_settings, f"--gin.train.data='{setting['stage2']}'", f"--gin.train.num_steps={total}"]
   glam("train", "--gin_file=configs/runs/pretrain.gin", f"--gin_file={lifelong}/config.gin",
        "--gin_file=configs/runs/lifelong_stage.gin", f"--gin.OLD_EXPERTS={old_experts}",
-       f"--gin.PREVIOUS_STAGE='{stage1}'", f"--gin.train.distill_weight={args.distill_weight}", *stage2,
+       # --distill_weight=0: no teacher (train.distill_from and a zero weight together are refused)
+       f"--gin.PREVIOUS_STAGE={repr(stage1) if args.distill_weight else None}",
+       f"--gin.train.distill_weight={args.distill_weight}", *stage2,
        f"--model_dir={lifelong}")
   table["stage 2, Lifelong-MoE"] = losses(lifelong, setting["eval"], args.eval_batches)
 

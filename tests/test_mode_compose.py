@@ -75,6 +75,7 @@ def test_composed_model_equals_the_backbone_then_the_gate_run_trains_only_the_ga
   summary = compose(str(runs / "backbone"), [str(runs / "expert_arithmetic")] * 2, str(composed))
   assert summary["num_domains"] == 2
   assert sources == {name: tree_digest(runs / name) for name in sources}
+  assert not (runs / "backbone" / "composed").exists() and not (runs / "expert_arithmetic" / "composed").exists()
 
   expert = read_checkpoint(str(runs / "expert_arithmetic"), "expert").params[EXPERTS_KEY]
   params = read_checkpoint(str(composed), "composed").params
@@ -104,16 +105,23 @@ def test_composed_model_equals_the_backbone_then_the_gate_run_trains_only_the_ga
 def test_bad_inputs_are_clear_errors_and_never_touch_the_sources(runs, capsys):
   backbone, expert = str(runs / "backbone"), str(runs / "expert_arithmetic")
   sources = {name: tree_digest(runs / name) for name in ("backbone", "expert_arithmetic", "other_backbone")}
-  with pytest.raises(ValueError, match=r"trained against a different backbone.*\n.*1 of \d+ arrays differ"):
+  with pytest.raises(ValueError, match=rf"--experts: {expert} was trained against a different backbone than "
+                                       rf"--backbone={runs / 'other_backbone'} \(backbone fingerprint [0-9a-f]{{16}}\)"
+                                       r".*\n.*1 of \d+ arrays differ in value \(e.g. final_norm/scale\)"):
     compose(str(runs / "other_backbone"), [expert], str(runs / "bad1"))
   with pytest.raises(ValueError, match=r"--to=.*: already holds a checkpoint"):
     compose(backbone, [expert], expert)
   with pytest.raises(ValueError, match=r"has no 'domain_experts' parameters: not a MoDE expert run"):
     compose(backbone, [backbone], str(runs / "bad2"))
+  with pytest.raises(ValueError, match=rf"--to={backbone}/composed: is \(inside\) the --backbone run"):
+    compose(backbone, [expert], f"{backbone}/composed")
+  with pytest.raises(ValueError, match=rf"--to={expert}/composed: is \(inside\) the --experts run"):
+    compose(backbone, [expert], f"{expert}/composed")
   with pytest.raises(FileNotFoundError, match=r"--experts=.*missing"):
     compose(backbone, [str(runs / "missing")], str(runs / "bad3"))
   code = cli.main(["mode", "compose", f"--backbone={runs / 'other_backbone'}", f"--experts={expert}",
                    f"--to={runs / 'bad4'}"])
   assert code == 2 and "different backbone" in capsys.readouterr().err
   assert sources == {name: tree_digest(runs / name) for name in sources}
+  assert not (runs / "backbone" / "composed").exists() and not (runs / "expert_arithmetic" / "composed").exists()
   assert not any((runs / f"bad{i}" / "checkpoints").exists() for i in range(1, 5))

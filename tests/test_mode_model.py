@@ -134,3 +134,63 @@ def test_domain_expert_axis_shards_experts_over_the_expert_mesh_axis():
     measured[target] = per_device_bytes(params, named(specs, mesh))
   assert measured[None] == expert_bytes + backbone_bytes  # everything replicated
   assert measured["expert"] == expert_bytes // 4 + backbone_bytes  # each device holds one expert
+  # The optimizer state follows: Adafactor's moments of an expert's [K, layers, d, f] weight (whole
+  # at these sizes, factored [K, layers, d] / [K, layers, f] at d >= 128) are split over K too,
+  # although the backbone's "blocks/ffn_1/wi" is also a suffix of their paths.
+  from jax.sharding import PartitionSpec
+  from glam.parallel.sharding import opt_state_specs
+  from glam.train.checkpoint import path_str
+  from glam.train.optimizers import adafactor
+  opt_state = jax.eval_shape(adafactor(learning_rate=0.1).init, params)
+  rules = axis_rules(mode_axis_rules(domain_expert="expert"))
+  opt_specs = opt_state_specs(opt_state, params, param_specs(params, logical, mesh, rules))
+  spec_leaves = jax.tree.leaves(opt_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+  moments = {path_str(path): spec for (path, leaf), spec in zip(jax.tree_util.tree_flatten_with_path(opt_state)[0],
+                                                               spec_leaves)
+             if "domain_experts/blocks/ffn_1/wi" in path_str(path) and len(leaf.shape) >= 3}
+  assert moments and all(spec[0] == "expert" for spec in moments.values()), moments
+
+
+@pytest.mark.parametrize("domain_expert", ["default", None, "expert"])
+def test_mode_model_places_and_runs_on_a_mesh(models, domain_expert):
+  """The default rules know the domain_expert axis (kept whole); mode_axis_rules can split it."""
+  from jax.sharding import AxisType
+  from glam.parallel.axis_rules import axis_rules
+  from glam.parallel.sharding import named, param_logical_axes, param_specs
+  _, _, mode_def, params, _ = models
+  expected = run(mode_def, params, TOKENS)[0]
+  glam_config.register_configurables()
+  if domain_expert != "default":
+    gin.parse_config(f"axis_rules.rules = @mode_axis_rules()\nmode_axis_rules.domain_expert = {domain_expert!r}\n")
+  rules = axis_rules()
+  assert rules["domain_expert"] == (() if domain_expert in ("default", None) else ("expert",))
+  mesh = jax.make_mesh((4, 2), ("data", "expert"), axis_types=(AxisType.Auto,) * 2)
+  logical = param_logical_axes(nnx.merge(mode_def, nnx.State(params)))
+  specs = param_specs(params, logical, mesh, rules)
+  assert specs["domain_experts"]["gate"]["kernel"][0] == (None if domain_expert in ("default", None) else "expert")
+  placed = jax.device_put(params, named(specs, mesh))
+  with jax.set_mesh(mesh):  # the activation constraints (EXPERT_OUTPUTS) read the rules too
+    logits = run(mode_def, placed, TOKENS)[0]
+  np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=1e-5)
+  if domain_expert == "expert":  # 2 experts cannot be split over an expert axis of 4: an error, not replication
+    with pytest.raises(glam_config.ConfigError, match=r"parameter domain_experts/.*: MoDELM.num_domains=2 is "
+                                                      r"not divisible by the mesh's expert axis of size 4"):
+      param_specs(params, logical, jax.make_mesh((2, 4), ("data", "expert")), rules)
+
+
+def test_loading_binding_resolves_configurable_references_and_macros():
+  """`train.model = @MoDELM` (every MoDE config) must give the configurable with its bindings, not
+  gin's reference object; a `%MACRO` gives its value; unbound names give the default."""
+  from glam.models.summary import abstract_model
+  from glam.train.loading import binding
+  glam_config.register_configurables()
+  gin.parse_config(TINY + "SEED = 7\ntrain.model = @MoDELM\ntrain.seed = %SEED\ntrain.batch_size = 4\n"
+                   "MoDELM.num_domains = 3\nMoDELM.boundaries = (1, 3)\nscoped/MoDELM.num_domains = 5\n")
+  factory = binding("train.model", DecoderLM)
+  assert not isinstance(factory, gin.config.ConfigurableReference)
+  model = abstract_model(factory)
+  assert isinstance(model, MoDELM) and model.num_domains == 3  # MoDELM's own bindings apply
+  assert binding("train.seed", 0) == 7 and binding("train.batch_size", 16) == 4
+  assert binding("train.vocab_path", "unbound") == "unbound"
+  gin.parse_config("train.model = @scoped/MoDELM\n")
+  assert abstract_model(binding("train.model", DecoderLM)).num_domains == 5  # the scope is kept

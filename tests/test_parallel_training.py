@@ -2,7 +2,8 @@
 train exactly like one.
 
 - A checkpoint written on data 2 x expert 4 restores on expert 8 and on a single device with the
-  same parameter values, and training continues with the same next-step loss on each mesh.
+  same parameter values, and training continues with the same next-step loss on each mesh (and
+  the same loss one step later, which also needs the restored optimizer state to be right).
 - 2 processes x 4 devices (launch/local.sh, jax.distributed over gloo) give the same per-step
   losses as 1 process x 8 devices (this test process), and their checkpoint holds both processes'
   input positions.
@@ -34,7 +35,7 @@ RUN = [
     "DecoderLM.d_model=16", "DecoderLM.num_blocks=1", "DecoderLM.vocab_size=260",
     "DecoderLM.block=('attn','moe')", "Attention.num_heads=2", "Attention.head_dim=8",
     "MoeLayer.d_ff=32", "MoeLayer.group_size=32", "train.batch_size=8", "train.seq_len=16",
-    "train.num_steps=3", "train.log_every=1", "train.num_eval_batches=0",
+    "train.num_steps=4", "train.log_every=1", "train.num_eval_batches=0",
     "train.measure_peak=False", "train.progress_bar=False",
 ]
 FILES = ["configs/runs/pretrain.gin", "configs/models/glam_tiny.gin"]
@@ -66,7 +67,7 @@ def restore_params(model_dir: str, mesh_name: str):
 
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory):
-  """Train 2 steps on data 2 x expert 4, then step 3 resumed on each of three meshes."""
+  """Train 2 steps on data 2 x expert 4, then steps 3-4 resumed on each of three meshes."""
   base = str(tmp_path_factory.mktemp("dp2_ep4_base"))
   parse("dp2_ep4", "train.stop_after=2")
   train(base)  # stops after step 2 with a checkpoint
@@ -83,10 +84,11 @@ def resumed(tmp_path_factory):
 
 def test_training_continues_with_the_same_loss_on_other_meshes(resumed):
   _, runs = resumed
-  step3 = {mesh: train_losses(directory)[-1] for mesh, directory in runs.items()}
-  assert len(train_losses(runs["ep8"])) == 3 and np.isfinite(step3["dp2_ep4"])
-  np.testing.assert_allclose(step3["ep8"], step3["dp2_ep4"], rtol=1e-5)
-  np.testing.assert_allclose(step3["single"], step3["dp2_ep4"], rtol=1e-5)
+  resumed_losses = {mesh: train_losses(directory)[2:] for mesh, directory in runs.items()}  # steps 3, 4
+  assert len(train_losses(runs["ep8"])) == 4 and np.all(np.isfinite(resumed_losses["dp2_ep4"]))
+  assert resumed_losses["dp2_ep4"][0] != resumed_losses["dp2_ep4"][1]  # step 4 saw an update
+  np.testing.assert_allclose(resumed_losses["ep8"], resumed_losses["dp2_ep4"], rtol=1e-5)
+  np.testing.assert_allclose(resumed_losses["single"], resumed_losses["dp2_ep4"], rtol=1e-5)
 
 
 def test_parameters_restore_identically_onto_other_meshes(resumed):
@@ -122,10 +124,10 @@ def two_processes(tmp_path_factory):
 
 
 def test_two_processes_train_like_one(resumed, two_processes):
-  # the reference: 1 process x 8 devices on data 2 x expert 4 (steps 1-2, then 3 resumed)
+  # the reference: 1 process x 8 devices on data 2 x expert 4 (steps 1-2, then 3-4 resumed)
   expected = train_losses(resumed[1]["dp2_ep4"])
   got = train_losses(two_processes[0])
-  assert len(expected) == 3 and np.all(np.isfinite(expected))
+  assert len(expected) == 4 and np.all(np.isfinite(expected)) and len(set(expected)) == 4
   np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
@@ -133,9 +135,36 @@ def test_checkpoint_holds_every_process_input_position(two_processes):
   multi, proc = two_processes
   manager = ocp.CheckpointManager(os.path.join(multi, CHECKPOINT_SUBDIR), handler_registry=handler_registry(),
                                   options=ocp.CheckpointManagerOptions(create=False))
-  data = manager.restore(3, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+  data = manager.restore(4, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
   manager.close()
   assert sorted(data) == ["process_0", "process_1"]
   assert data["process_0"] != data["process_1"]  # each process read its own row slots
   assert "[process 0]" in proc.stdout and "[process 1]" in proc.stdout
 
+
+
+def test_a_mesh_checkpoint_loads_and_grows_on_one_device(resumed, tmp_path):
+  """eval / generate (load_trained) and surgery read a checkpoint written on 8 devices in a
+  process that has 1 (a pod checkpoint on a laptop): Orbax gets explicit one-device targets."""
+  import sys
+  from glam.surgery import runs
+  from glam.train.loading import load_trained
+  base, _ = resumed  # data 2 x expert 4, step 2
+  tokens = np.arange(2 * 16).reshape(2, 16) % 250
+  logits_file, grown_dir = str(tmp_path / "logits.npy"), str(tmp_path / "grown")
+  script = ("import numpy as np, jax\nfrom glam.train.loading import load_trained\n"
+            "from glam.surgery.grow import grow\nassert jax.device_count() == 1\n"
+            f"np.save({logits_file!r}, np.asarray(load_trained({base!r}).model(np.{tokens!r}).logits))\n"
+            f"grow({base!r}, {grown_dir!r}, add=8, init='copy')\n")
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  expected = np.asarray(load_trained(base).model(tokens).logits)  # here: 8 devices, the saved topology
+  np.testing.assert_allclose(np.load(logits_file), expected, rtol=1e-5, atol=1e-5)
+  old = runs.flat(runs.read_run(base).state["params"])["blocks/moe_1/experts/wi"]  # [layers, 8, d, f]
+  grown = runs.read_run(grown_dir)
+  wi = runs.flat(grown.state["params"])["blocks/moe_1/experts/wi"]
+  assert grown.step == 2 and wi.shape[1] == 16
+  np.testing.assert_array_equal(wi[:, :8], old)
+  np.testing.assert_array_equal(wi[:, 8:], old)  # copy: expert 8 + i = expert i
+  gin.clear_config()

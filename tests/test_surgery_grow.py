@@ -101,15 +101,28 @@ def test_noisy_copy_differs_from_its_source_expert_by_small_noise(sources, tmp_p
 
 def test_bad_input_is_refused_and_the_source_is_untouched(sources, tmp_path, capsys):
   before = {name: digest(path) for name, path in sources.items()}
-  with pytest.raises(ValueError, match="no MoE layers"):
+  with pytest.raises(ValueError, match=rf"--from={sources['dense']}: the model has no MoE layers"):
     grow(sources["dense"], str(tmp_path / "a"), add=2)
-  with pytest.raises(ValueError, match="not divisible by the mesh's expert axis of size 4"):
+  with pytest.raises(ValueError, match=r"--add=1: 4\+1=5 experts is not divisible by the mesh's expert axis of size 4"):
     grow(sources["tc"], str(tmp_path / "b"), add=1, bindings=["mesh_shape.expert=4"])
   grow(sources["tc"], str(tmp_path / "c"), add=4, bindings=["mesh_shape.expert=4"])  # 8 experts: fine
-  with pytest.raises(ValueError, match="already holds checkpoints"):
+  written = digest(tmp_path / "c")
+  with pytest.raises(ValueError, match=rf"--to={tmp_path / 'c'}: already holds checkpoints \(steps \[3\]"):
     grow(sources["tc"], str(tmp_path / "c"), add=2)
+  with pytest.raises(ValueError, match=r"already holds checkpoints \(steps \[3\]"):  # its checkpoints folder
+    grow(sources["tc"], str(tmp_path / "c" / "checkpoints"), add=2)
+  assert digest(tmp_path / "c") == written  # the refused target is not touched either
   with pytest.raises(ValueError, match="is the source directory"):
     grow(sources["tc"], sources["tc"], add=2)
+  with pytest.raises(ValueError, match=rf"is inside the source directory {sources['tc']}"):
+    grow(sources["tc"], os.path.join(sources["tc"], "grown"), add=2)
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(ValueError, match=r"--to=.*file: exists and is not a directory"):
+    grow(sources["tc"], str(tmp_path / "file"), add=2)
   code = cli.main(["experts", "grow", f"--from={sources['dense']}", f"--to={tmp_path / 'd'}", "--add=2"])
-  assert code == 2 and "no MoE layers" in capsys.readouterr().err
+  assert code == 2 and f"--from={sources['dense']}: the model has no MoE layers" in capsys.readouterr().err
+  code = cli.main(["experts", "grow", f"--from={sources['tc']}", f"--to={tmp_path / 'e'}", "--add=2",
+                   "--gin.mesh_shape.expert=4"])
+  assert code == 2 and "4+2=6 experts is not divisible by the mesh's expert axis of size 4" in capsys.readouterr().err
+  assert not any((tmp_path / name).exists() for name in ("a", "b", "d", "e"))
   assert {name: digest(path) for name, path in sources.items()} == before

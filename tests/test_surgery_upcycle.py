@@ -46,3 +46,26 @@ def test_mismatched_activation_or_layout_is_refused(dense_run, tmp_path):
   with pytest.raises(ValueError, match="sub-layers"):
     upcycle(dense_run, str(tmp_path / "b"), ["configs/models/glam_tiny.gin"],
             bindings=SIZES + MOE + ["DecoderLM.num_blocks=3"])
+
+
+def test_bad_targets_and_expert_counts_are_refused_and_the_source_is_untouched(dense_run, tmp_path, capsys):
+  from glam import cli
+  from test_surgery_grow import digest
+  before = digest(dense_run)
+  (tmp_path / "held" / "checkpoints" / "7").mkdir(parents=True)  # another run's checkpoint
+  with pytest.raises(ValueError, match=rf"--to={tmp_path / 'held'}: already holds checkpoints \(steps \[7\]"):
+    upcycle(dense_run, str(tmp_path / "held"), ["configs/models/glam_tiny.gin"], bindings=SIZES + MOE)
+  with pytest.raises(ValueError, match=rf"is inside the source directory {dense_run}"):
+    upcycle(dense_run, f"{dense_run}/moe", ["configs/models/glam_tiny.gin"], bindings=SIZES + MOE)
+  with pytest.raises(ValueError, match=r"num_experts \{'blocks/moe_1': 4\} is not divisible by the mesh's expert "
+                                       r"axis of size 8"):
+    upcycle(dense_run, str(tmp_path / "a"), ["configs/models/glam_tiny.gin"],
+            bindings=SIZES + MOE + ["mesh_shape.expert=8"])
+  with pytest.raises(ValueError, match=r"--gin_file=configs/models/dense_tiny.gin has no MoE sub-layers"):
+    upcycle(dense_run, str(tmp_path / "b"), ["configs/models/dense_tiny.gin"], bindings=SIZES)
+  code = cli.main(["experts", "upcycle", f"--from={dense_run}", f"--to={tmp_path / 'c'}",
+                   "--gin_file=configs/models/glam_tiny.gin", *[f"--gin.{b}" for b in SIZES + MOE],
+                   "--gin.mesh_shape.expert=8"])
+  assert code == 2 and "is not divisible by the mesh's expert axis of size 8" in capsys.readouterr().err
+  assert not any((tmp_path / name).exists() for name in ("a", "b", "c"))
+  assert digest(dense_run) == before

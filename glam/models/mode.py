@@ -49,7 +49,8 @@ def mode_axis_rules(domain_expert: str | Sequence[str] | None = None) -> tuple:
       devices of slice k of the mesh's expert axis: each device group then computes only its
       own experts (SPMD; the paper's concurrent device groups are MPMD).
   """
-  return tuple(DEFAULT_RULES) + ((EXPERT_AXIS, domain_expert),)
+  # DEFAULT_RULES already keeps domain_expert whole: replace that entry rather than append a second.
+  return tuple(rule for rule in DEFAULT_RULES if rule[0] != EXPERT_AXIS) + ((EXPERT_AXIS, domain_expert),)
 
 
 def _prefix_axes(module: nnx.Module, prefix: tuple) -> None:

@@ -3,7 +3,8 @@
 Layers name their dimensions (`nnx.Param(..., logical_axes=("embed", "mlp"))`); one table, bound
 by gin, says which mesh axes each name is split over. A mesh axis is used at most once per array
 (the first dimension that asks for it wins) and a dimension that its mesh axes do not divide is
-kept whole, except the expert dimension, where that is a configuration error.
+kept whole, except the expert dimensions (MoE experts, MoDE domain experts), where that is a
+configuration error.
 """
 import math
 from typing import Sequence
@@ -15,6 +16,8 @@ from glam.config import ConfigError
 
 # What a MaxText / T5X user expects: batch over every data-like axis, weights' embed over fsdp,
 # Megatron tensor parallelism over mlp / heads / vocab, experts over expert, layers never split.
+# MoDE's domain experts (glam.models.mode) stay whole on every device unless a run binds
+# `axis_rules.rules = @mode_axis_rules()` with `mode_axis_rules.domain_expert = "expert"`.
 DEFAULT_RULES = (
     ("batch", ("data", "fsdp", "expert")),
     ("embed", "fsdp"),
@@ -22,11 +25,16 @@ DEFAULT_RULES = (
     ("heads", "tensor"),
     ("vocab", "tensor"),
     ("expert", "expert"),
+    ("domain_expert", None),
     ("kv", None),
     ("layers", None),
     ("length", None),
     ("relpos_buckets", None),
 )
+
+# Dimensions whose rule is a placement promise (expert k lives on slice k), not a best effort:
+# an uneven split is a configuration error naming the binding, never a silent replication.
+SPLIT_OR_FAIL = {"expert": "num_experts", "domain_expert": "MoDELM.num_domains"}
 
 
 @gin.configurable
@@ -36,7 +44,7 @@ def axis_rules(rules: Sequence = DEFAULT_RULES) -> dict[str, tuple[str, ...]]:
   Args:
     rules: (logical name, mesh axis | (mesh axes...) | None) pairs; DEFAULT_RULES maps batch ->
       (data, fsdp, expert), embed -> fsdp, mlp / heads / vocab -> tensor, expert -> expert, and
-      keeps kv, layers, length and relpos_buckets whole. Override all of it in gin, e.g.
+      keeps domain_expert (MoDE), kv, layers, length and relpos_buckets whole. Override all of it in gin, e.g.
       `axis_rules.rules = (("batch", ("data", "fsdp", "expert")), ("embed", None), ...)`.
   """
   table = {}
@@ -66,8 +74,8 @@ def spec_for(logical_axes: Sequence[str | None], shape: Sequence[int], mesh, rul
                         f"(known: {sorted(rules)})")
     axes = [axis for axis in rules[name] if axis not in used and sizes.get(axis, 1) > 1]
     shards = math.prod(sizes[axis] for axis in axes)
-    if name == "expert" and dim % shards:
-      raise ConfigError(f"{where}: num_experts={dim} is not divisible by the mesh's "
+    if name in SPLIT_OR_FAIL and dim % shards:
+      raise ConfigError(f"{where}: {SPLIT_OR_FAIL[name]}={dim} is not divisible by the mesh's "
                         f"{' x '.join(axes)} axis of size {shards}")
     while axes and dim % math.prod(sizes[axis] for axis in axes):
       axes.pop()  # keep the dimension whole rather than split it unevenly

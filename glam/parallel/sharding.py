@@ -64,12 +64,16 @@ def opt_state_specs(opt_state: Any, params: Any, specs: Any) -> Any:
                                       jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda s: isinstance(s, PartitionSpec))[0]):
     by_path[path_str(path)] = (tuple(param.shape), spec)
 
+  # Longest paths first: "v_row/domain_experts/blocks/ffn_1/wi" belongs to the MoDE expert's
+  # parameter, not to the backbone's "blocks/ffn_1/wi" that is also a suffix of it.
+  longest_first = sorted(by_path.items(), key=lambda item: -len(item[0]))
+
   def one(path, leaf):
     key = path_str(path)
     shape = tuple(getattr(leaf, "shape", ()))
     if not shape:
       return PartitionSpec()
-    for param_path, (param_shape, spec) in by_path.items():
+    for param_path, (param_shape, spec) in longest_first:
       if key == param_path or key.endswith("/" + param_path):
         if shape == param_shape:
           return spec
@@ -101,6 +105,15 @@ def named(specs: Any, mesh) -> Any:
 def abstract_with_shardings(state: Any, shardings: Any) -> Any:
   """jax.ShapeDtypeStruct leaves carrying the target shardings (for Orbax restore and dry runs)."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+def on_one_device(abstract_state: Any) -> Any:
+  """abstract_state with every leaf on this process's first device: the restore target of tools
+  that read a checkpoint whole (eval, generate, surgery, a distillation teacher), so a checkpoint
+  written on any mesh, e.g. a pod's, restores on a laptop (Orbax needs target shardings once the
+  saved device topology differs from the current one)."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return abstract_with_shardings(abstract_state, jax.tree.map(lambda _: device, abstract_state))
 
 
 def per_device_bytes(abstract_state: Any, shardings: Any) -> int:

@@ -149,6 +149,11 @@ def compose(backbone_path: str, expert_paths: Sequence[str], target: str, gate: 
   if not expert_paths:
     raise ValueError("--experts: give at least one expert run (comma-separated)")
   check_target(target)
+  for flag, source in [("--backbone", backbone_path)] + [("--experts", path) for path in expert_paths]:
+    inside = os.path.realpath(target) + os.sep
+    if inside.startswith(os.path.realpath(source) + os.sep):
+      raise ValueError(f"--to={target}: is (inside) the {flag} run {source}, which composition never "
+                       "modifies; choose a directory outside it")
   backbone = read_checkpoint(backbone_path, "--backbone")
   if EXPERTS_KEY in backbone.params:
     raise ValueError(f"--backbone={backbone_path}: holds '{EXPERTS_KEY}' parameters (a MoDE model); "

@@ -10,6 +10,7 @@ from flax import nnx
 
 from glam import config as glam_config
 from glam.models.lm import DecoderLM
+from glam.parallel.sharding import on_one_device
 from glam.models.summary import abstract_model, parameter_rows
 from glam.train.checkpoint import Checkpointer, read_checkpoint_config
 from glam.train.loading import binding
@@ -58,19 +59,30 @@ def read_run(run_dir: str, step: int | None = None, bindings=()) -> Run:
   state, model = fresh_state()
   checkpointer = Checkpointer(directory, async_save=False)
   try:
-    restored = checkpointer.restore(jax.eval_shape(lambda: state), step=step)
+    restored = checkpointer.restore(on_one_device(jax.eval_shape(lambda: state)), step=step)  # from any mesh
   finally:
     checkpointer.close()
   return Run(restored.step, jax.device_get(restored.state), restored.data_state, restored.metadata, text, model)
 
 
 def check_target(target_dir: str, source_dir: str) -> None:
-  """Refuses a target that already holds a checkpoint, or the source itself."""
-  if os.path.abspath(target_dir) == os.path.abspath(source_dir):
+  """Refuses the source itself, a target inside the source (writing there would change the source
+  directory), a target that is a file, and one that already holds a checkpoint: checkpoints/<step>
+  in it, or <step> folders directly (a checkpoints folder given as the target)."""
+  source, target = os.path.realpath(source_dir), os.path.realpath(target_dir)
+  if target == source:
     raise ValueError(f"--to={target_dir}: is the source directory; surgery writes a new run directory")
+  if target.startswith(source + os.sep):
+    raise ValueError(f"--to={target_dir}: is inside the source directory {source_dir}, which surgery "
+                     "never modifies; choose a directory outside it")
+  if os.path.exists(target_dir) and not os.path.isdir(target_dir):
+    raise ValueError(f"--to={target_dir}: exists and is not a directory")
   checkpoints = os.path.join(target_dir, CHECKPOINT_SUBDIR)
-  if os.path.isdir(checkpoints) and os.listdir(checkpoints):
-    raise ValueError(f"--to={target_dir}: already holds checkpoints ({checkpoints}); choose an empty directory")
+  held = sorted({int(name) for folder in (target_dir, checkpoints) if os.path.isdir(folder)
+                 for name in os.listdir(folder) if name.isdigit()})
+  if held or (os.path.isdir(checkpoints) and os.listdir(checkpoints)):
+    raise ValueError(f"--to={target_dir}: already holds checkpoints (steps {held} in {checkpoints}); "
+                     "surgery never overwrites one: choose an empty directory")
 
 
 def write_run(target_dir: str, step: int, state: dict, data_state: dict, config_text: str,

@@ -31,6 +31,20 @@ def unrolled(model) -> list[tuple[int, str, str]]:
   return [(block, f"{kind}_{i}", kind) for block in range(model.num_blocks) for i, (kind, _) in enumerate(entries)]
 
 
+def check_experts(model, gin_files) -> None:
+  """The MoE model must have MoE sub-layers, each with an expert count the mesh's expert axis divides."""
+  from glam.surgery.grow import moe_layers  # pylint: disable=import-outside-toplevel  (grow imports runs too)
+  layers = moe_layers(model)
+  if not layers:
+    raise ValueError(f"upcycle: the model of --gin_file={','.join(gin_files)} has no MoE sub-layers "
+                     "(no parameter with an expert axis); give an MoE model, e.g. configs/models/glam_tiny.gin")
+  expert_axis = runs.expert_axis_size()
+  bad = {layer: count for layer, count in layers.items() if count % expert_axis}
+  if bad:
+    raise glam_config.ConfigError(f"upcycle: num_experts {bad} is not divisible by the mesh's expert axis of "
+                                  f"size {expert_axis} (mesh_shape.expert); set MoeLayer.num_experts to a multiple")
+
+
 def upcycle(source_dir: str, target_dir: str, gin_files, bindings=(), search_paths=(), seed: int = 0) -> dict:
   if not gin_files:
     raise ValueError("glam experts upcycle: give the MoE model with --gin_file")
@@ -47,6 +61,7 @@ def upcycle(source_dir: str, target_dir: str, gin_files, bindings=(), search_pat
     glam_config.parse_one(lambda: gin.parse_config(item), f"binding {item!r}")
   fresh, model = runs.fresh_state(seed_offset=seed)
   config_text = gin.config_str()
+  check_experts(model, gin_files)
 
   source_layers, target_layers = unrolled(dense), unrolled(model)
   if len(source_layers) != len(target_layers):

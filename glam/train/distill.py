@@ -1,7 +1,7 @@
 """Output-level distillation from a frozen previous-stage model (Lifelong-MoE, LwF-style).
 
   train.distill_from = "runs/stage1"   # a run directory (its latest checkpoint) of the previous stage
-  train.distill_weight = 1.0           # lambda
+  train.distill_weight = 1.0           # lambda (default 0 = off; both must be set, check_distillation)
 
 The loss becomes L_LM + lambda * KL(p_old || p_new), the KL of the next-token distributions
 averaged over target tokens (loss_weights), logged as `distill_kl`. The previous-stage model is
@@ -14,6 +14,23 @@ import jax.numpy as jnp
 from flax import nnx
 
 from glam.config import ConfigError
+
+
+def check_distillation(distill_from: str | None, distill_weight: float) -> None:
+  """Distillation is on exactly when both train.distill_from and train.distill_weight > 0 are set;
+  one without the other is an error, so a stage config whose previous-stage directory was left
+  unset (configs/runs/lifelong_stage.gin: PREVIOUS_STAGE) fails instead of training without it."""
+  if distill_weight < 0:
+    raise ConfigError(f"train.distill_weight={distill_weight!r}: must be >= 0 (0 = no distillation)")
+  if distill_weight > 0 and not distill_from:
+    raise ConfigError(
+        f"train.distill_weight={distill_weight!r} but train.distill_from is unset ({distill_from!r}): "
+        "give the previous stage's run directory (configs/runs/lifelong_stage.gin: "
+        "--gin.PREVIOUS_STAGE=\"'runs/stage1'\"), or train without distillation with "
+        "--gin.train.distill_weight=0")
+  if distill_from and distill_weight == 0:
+    raise ConfigError(f"train.distill_from={distill_from!r} but train.distill_weight=0: set the weight "
+                      "lambda > 0 (e.g. 1.0), or unset train.distill_from to train without distillation")
 
 
 def kl_divergence(teacher_logits: jax.Array, student_logits: jax.Array) -> jax.Array:
@@ -45,3 +62,20 @@ def load_teacher(run_dir: str, vocab_size: int):
                       f"this one {vocab_size}; distillation compares the same output classes")
   graphdef, state = nnx.split(loaded.model)
   return graphdef, nnx.to_pure_dict(state)
+
+
+def place_teacher(graphdef, params: dict, mesh):
+  """The teacher's parameters on `mesh`, sharded by the same logical axis rules as the student's
+  (its experts split over the expert axis), so a large previous stage is not copied whole onto
+  every device. A teacher whose expert count the expert axis does not divide (E before growth,
+  when only E+N does) stays whole on every device."""
+  from glam.parallel.axis_rules import axis_rules  # pylint: disable=import-outside-toplevel
+  from glam.parallel.sharding import named, param_logical_axes, param_specs
+  from glam.parallel.train_state import place_state
+  try:
+    specs = param_specs(params, param_logical_axes(nnx.merge(graphdef, nnx.State(params))), mesh, axis_rules())
+  except ConfigError as error:
+    if "is not divisible by the mesh's" not in str(error):
+      raise
+    specs = jax.tree.map(lambda _: jax.sharding.PartitionSpec(), params)
+  return place_state(params, named(specs, mesh))

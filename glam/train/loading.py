@@ -9,6 +9,7 @@ from flax import nnx
 from glam import config as glam_config
 from glam.data.vocab import get_vocabulary
 from glam.models.lm import DecoderLM
+from glam.parallel.sharding import on_one_device
 from glam.train.checkpoint import Checkpointer, read_checkpoint_config
 from glam.train.optimizers import make_optimizer
 from glam.train.trainer import CHECKPOINT_SUBDIR, build_model, check_vocab_fits
@@ -54,6 +55,6 @@ def load_trained(model_dir: str, step: int | None = None, bindings=()) -> Loaded
   optimizer = make_optimizer()
   state = {"step": jax.numpy.int32(0), "params": params, "opt_state": optimizer.init(params)}
   checkpointer = Checkpointer(directory, async_save=False)
-  restored = checkpointer.restore(jax.eval_shape(lambda: state), step=step)
+  restored = checkpointer.restore(on_one_device(jax.eval_shape(lambda: state)), step=step)  # from any mesh
   checkpointer.close()
   return LoadedModel(nnx.merge(graphdef, restored.state["params"]), vocab, restored.step, config_text)

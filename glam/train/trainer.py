@@ -24,11 +24,11 @@ from glam.models.summary import abstract_model, count_parameters, flops_per_toke
 from glam.train.checkpoint import Checkpointer
 from glam.train.init_checkpoint import init_from_checkpoint
 from glam.parallel.distributed import gather_process_states
-from glam.parallel.mesh import check_batch_divides, make_mesh, replicated
+from glam.parallel.mesh import check_batch_divides, make_mesh
 from glam.parallel.sharding import abstract_with_shardings
 from glam.parallel.train_state import constrain_outputs, global_batch, on_mesh, place_state, train_state_shardings
 from glam.train.flops import measure_matmul_peak
-from glam.train.distill import load_teacher
+from glam.train.distill import check_distillation, load_teacher, place_teacher
 from glam.train.freezing import freeze_updates
 from glam.train.metrics import MetricWriter
 from glam.train.optimizers import make_optimizer
@@ -100,7 +100,7 @@ def train(model_dir: str, *, num_steps: int = 1000, batch_size: int = 16, seq_le
           model: Callable = DecoderLM, measure_peak: bool = True, progress_bar: bool = True,
           stop_after: int | None = None, init_checkpoint: str | None = None,
           init_allow_missing: tuple = (), distill_from: str | None = None,
-          distill_weight: float = 1.0) -> dict:
+          distill_weight: float = 0.0) -> dict:
   """Trains `model` on `data` in `model_dir`, resuming from its latest checkpoint if any.
 
   Args:
@@ -119,14 +119,17 @@ def train(model_dir: str, *, num_steps: int = 1000, batch_size: int = 16, seq_le
       model_dir has no checkpoint yet (default None); init_allow_missing: regexes of parameter
       paths that may be absent from it and keep their fresh init (glam/train/init_checkpoint.py).
     distill_from: a previous-stage run directory; its frozen model's next-token distribution
-      regularises this one: + distill_weight * KL(p_old || p_new) (glam/train/distill.py). None = off.
-    distill_weight: lambda. Lifelong-MoE's value is not in our sources (specs/moe-papers.md section 4);
-      1.0 weighs the KL like the LM loss, as in Learning without Forgetting (Li & Hoiem 2017).
+      regularises this one: + distill_weight * KL(p_old || p_new) (glam/train/distill.py).
+    distill_weight: lambda; 0 (default) = no distillation. Both or neither must be set, so a stage
+      config never drops its distillation silently (check_distillation). configs/runs/lifelong_stage.gin
+      binds 1.0: Lifelong-MoE's value is not in our sources (specs/moe-papers.md section 4); 1.0 weighs
+      the KL like the LM loss, as in Learning without Forgetting (Li & Hoiem 2017).
   Returns the last train metrics and the final eval results.
   """
   glam_config.check(num_steps > 0, "train.num_steps", num_steps, "must be positive")
   glam_config.check(batch_size % grad_accum_steps == 0, "train.grad_accum_steps", grad_accum_steps,
                     f"must divide train.batch_size={batch_size}")
+  check_distillation(distill_from, distill_weight)
   os.makedirs(model_dir, exist_ok=True)
   process_index, process_count = jax.process_index(), jax.process_count()
 
@@ -174,7 +177,6 @@ def train(model_dir: str, *, num_steps: int = 1000, batch_size: int = 16, seq_le
 
   # Lifelong-MoE: the frozen previous-stage model, an input of every step (never updated).
   teacher = load_teacher(distill_from, model_info.vocab_size) if distill_from else None
-  glam_config.check(distill_weight >= 0, "train.distill_weight", distill_weight, "must be >= 0")
 
   # 4. Compile the pure steps once.
   train_step = on_mesh(mesh, jax.jit(constrain_outputs(
@@ -182,7 +184,7 @@ def train(model_dir: str, *, num_steps: int = 1000, batch_size: int = 16, seq_le
                       distill=None if teacher is None else (teacher[0], distill_weight)),
       mesh, shardings), donate_argnums=(0,)))
   if teacher is not None:
-    teacher_params, distill_step = jax.device_put(teacher[1], replicated(mesh)), train_step
+    teacher_params, distill_step = place_teacher(*teacher, mesh), train_step
     train_step = lambda state, batch: distill_step(state, batch, teacher_params)
   eval_step = on_mesh(mesh, jax.jit(constrain_outputs(make_eval_step(graphdef, len(domains)), mesh)))
   flops = flops_per_token(model_info, seq_len)["train"]
