@@ -1,6 +1,6 @@
 """MoE dispatch + experts against a dense FFN of the same activated FLOPs, forward + backward.
 
-  python scripts/bench_moe_layer.py [--reps 7] [--only 0]
+  python scripts/bench_moe_layer.py [--reps 7] [--only 0] [--dispatchers capacity_1.25,dropless_padded]
 
 For each size and dispatcher: the minimum time of one jitted forward+backward (gradients wrt the
 expert weights, the input and the gates) divided by that of a dense SwiGLU FFN with hidden width
@@ -31,7 +31,8 @@ SIZES = [  # tokens, d_model, experts, k, expert hidden, tokens per group
     dict(tokens=4096, d_model=256, experts=32, k=2, hidden=256, group=1024),  # many small experts
 ]
 DISPATCHERS = {  # name -> (dispatcher, target ratio from the issue, note)
-    "capacity_1.25": (CapacityEinsum(capacity_factor=1.25), 1.3, "gather placement (auto on CPU)"),
+    "capacity_1.25": (CapacityEinsum(capacity_factor=1.25), 1.3,
+                      "gather placement: kept assignments in the padded layout (auto on CPU)"),
     "capacity_1.25_einsum": (CapacityEinsum(capacity_factor=1.25, implementation="einsum"), None,
                              "GShard one-hot einsums"),
     "dropless_padded": (Dropless(implementation="padded"), 1.2,
@@ -111,7 +112,7 @@ def interleaved_minimums(steps: dict, x, reps: int) -> tuple[dict, dict]:
   return {name: min(t) for name, t in wall.items()}, {name: min(t) for name, t in cpu.items()}
 
 
-def bench(size: dict, reps: int) -> list[dict]:
+def bench(size: dict, reps: int, only_dispatchers=None) -> list[dict]:
   tokens, d_model, num_experts, k, hidden = (size[n] for n in ("tokens", "d_model", "experts", "k", "hidden"))
   x = jax.random.normal(jax.random.key(0), (tokens // size["group"], size["group"], d_model))
   experts = Experts(d_model, num_experts, d_ff=hidden, activation="swiglu", rngs=nnx.Rngs(0))
@@ -119,6 +120,7 @@ def bench(size: dict, reps: int) -> list[dict]:
   ffn = FeedForward(d_model, d_ff=k * hidden, activation="swiglu", rngs=nnx.Rngs(0))
   steps = {"dense": dense_step(ffn), "feedforward": feedforward_step(ffn)}
   names = [n for n in DISPATCHERS if n != "dropless_ragged_dot" or num_experts <= RAGGED_DOT_MAX_EXPERTS]
+  names = [n for n in names if only_dispatchers is None or n in only_dispatchers]
   for name in names:
     steps[name] = moe_step(DISPATCHERS[name][0], experts, routing)
   best, best_cpu = interleaved_minimums(steps, x, reps)
@@ -141,11 +143,17 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--reps", type=int, default=7)
   parser.add_argument("--only", type=int, default=None, help="index into SIZES")
+  parser.add_argument("--dispatchers", default=None,
+                      help=f"comma-separated names to time (default: all of {','.join(DISPATCHERS)})")
   args = parser.parse_args()
+  only_dispatchers = None if args.dispatchers is None else args.dispatchers.split(",")
+  for name in only_dispatchers or ():
+    if name not in DISPATCHERS:
+      parser.error(f"--dispatchers: unknown {name!r}; expected names from {list(DISPATCHERS)}")
   for i, size in enumerate(SIZES):
     if args.only is not None and i != args.only:
       continue
-    for row in bench(size, args.reps):
+    for row in bench(size, args.reps, only_dispatchers):
       print(json.dumps(row), flush=True)
 
 

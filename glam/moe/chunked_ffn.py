@@ -2,7 +2,7 @@
 
     y[rows of expert e] = act(x W_gate[e]) * (x W_in[e]) W_out[e]     (or act(x W_in[e]) W_out[e])
 
-For the few rows that overflow the padded dropless layout (glam/moe/dispatch.py). The grouped
+For the few rows that overflow the padded layout (Dropless and CapacityEinsum on CPU). The grouped
 matmul (grouped_matmul.py) runs the three matmuls one after the other, so autodiff keeps [rows,
 d_ff] hidden buffers and the activation runs over all of them: with a worst-case-sized overflow
 buffer that mostly holds no rows, that elementwise work and those buffers cost more than the

@@ -3,8 +3,9 @@
 CapacityEinsum (GShard / flaxformer): every expert has a fixed number of slots per group. Token
 choice: the dispatch and combine tensors [groups, tokens, experts, capacity] place assignments in
 slots and bring the gated outputs back; assignments past capacity are dropped (the token gets
-nothing from that expert; the residual connection around the layer carries it). Expert choice:
-each expert's slots are its chosen tokens, so nothing is dropped.
+nothing from that expert; the residual connection around the layer carries it). On CPU the kept
+assignments use Dropless's padded layout instead (below), so empty slots cost nothing. Expert
+choice: each expert's slots are its chosen tokens, so nothing is dropped.
 
 Dropless: nothing is dropped. On CPU (padded): each expert's first C assignments fill C slots run
 as one batched einsum, the rest run chunk by chunk (glam/moe/chunked_ffn.py). Sorted (GPU/TPU, or
@@ -15,15 +16,17 @@ stats: "dropped_fraction" (routed assignments, gate > 0, dropped for capacity) a
 [experts] (each expert's share of the kept assignments; zeros if nothing was kept).
 """
 import dataclasses
-import functools
 import math
 
 import gin
 import jax
 import jax.numpy as jnp
 
+from glam.moe.capacity_gather import gather_every_slot, gather_padded
 from glam.moe.grouped_matmul import IMPLEMENTATIONS
 from glam.moe.routers import ExpertChoiceRouting, TokenChoiceRouting
+from glam.moe.row_maps import _take, capacity_slots, to_assignments, to_expert_rows
+from glam.parallel.mesh import batch_shards
 
 CAPACITY_IMPLEMENTATIONS = ("auto", "einsum", "gather")
 
@@ -31,79 +34,6 @@ CAPACITY_IMPLEMENTATIONS = ("auto", "einsum", "gather")
 def _expert_load(kept_per_expert: jax.Array) -> jax.Array:
   kept_per_expert = kept_per_expert.astype(jnp.float32)
   return kept_per_expert / jnp.maximum(jnp.sum(kept_per_expert), 1.0)
-
-
-def capacity_slots(routing: TokenChoiceRouting, num_experts: int, capacity: int):
-  """Each assignment's slot in its expert, GShard order: (position, active, keep), all [groups, tokens, k].
-
-  Every first choice claims a slot before any second choice (mesh-TF top-2); within one choice
-  level tokens claim in `routing.priority` order (token order if None). Choices with gate 0 (not
-  routed, e.g. padding or GShard's random second expert) claim nothing. keep = active and
-  position < capacity.
-  """
-  groups, tokens, k = routing.expert_index.shape
-  active = routing.gates > 0
-  wants = jax.nn.one_hot(routing.expert_index, num_experts, dtype=jnp.int32) * active[..., None]  # [g, t, k, e]
-  if routing.priority is not None:  # rank order: ranked[r] = wants[token of rank r]
-    order = jnp.argsort(routing.priority, axis=1)  # [groups, tokens] rank -> token
-    wants_ranked = jnp.take_along_axis(wants, order[:, :, None, None], axis=1)
-  else:
-    wants_ranked = wants
-  by_level = jnp.swapaxes(wants_ranked, 1, 2).reshape(groups, k * tokens, num_experts)  # choice-major
-  ahead = jnp.cumsum(by_level, axis=1) - by_level  # [groups, k * tokens, experts] claims before this one
-  ahead = jnp.swapaxes(ahead.reshape(groups, k, tokens, num_experts), 1, 2)  # [groups, tokens (ranked), k, experts]
-  if routing.priority is not None:  # back to token order: token t sits at rank priority[t]
-    ahead = jnp.take_along_axis(ahead, routing.priority[:, :, None, None].astype(jnp.int32), axis=1)
-  position = jnp.sum(ahead * wants, axis=-1)  # [groups, tokens, k]
-  return position, active, active & (position < capacity)
-
-
-# Moving rows between token order and expert order. Both dispatchers know the map both ways: for
-# each expert-side row its (token, choice) assignment (token * k + choice), and for each assignment
-# its row; out-of-range entries mean "none" and read as zeros. The backward of each gather is then
-# another gather with the opposite map, instead of the scatter-add that autodiff would write.
-
-
-def _take(values: jax.Array, index: jax.Array) -> jax.Array:
-  return jnp.take(values, index, axis=0, mode="fill", fill_value=0)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def to_expert_rows(x: jax.Array, row_assignment: jax.Array, assignment_row: jax.Array, k: int) -> jax.Array:
-  """x [tokens, d] -> [rows, d]: row r holds the token of assignment row_assignment[r] (or zeros)."""
-  index = jnp.where(row_assignment < assignment_row.shape[0], row_assignment // k, x.shape[0])
-  return _take(x, index)
-
-
-def _to_expert_rows_fwd(x, row_assignment, assignment_row, k):
-  return to_expert_rows(x, row_assignment, assignment_row, k), (row_assignment, assignment_row)
-
-
-def _to_expert_rows_bwd(k, residuals, d_rows):
-  _, assignment_row = residuals
-  d_assignments = _take(d_rows, assignment_row)  # [tokens * k, d]: token-major
-  return d_assignments.reshape(-1, k, d_rows.shape[-1]).sum(axis=1), None, None
-
-
-to_expert_rows.defvjp(_to_expert_rows_fwd, _to_expert_rows_bwd)
-
-
-@jax.custom_vjp
-def to_assignments(rows: jax.Array, row_assignment: jax.Array, assignment_row: jax.Array) -> jax.Array:
-  """rows [rows, d] -> [tokens * k, d]: each assignment's expert output (zeros if it has no row)."""
-  return _take(rows, assignment_row)
-
-
-def _to_assignments_fwd(rows, row_assignment, assignment_row):
-  return to_assignments(rows, row_assignment, assignment_row), (row_assignment, assignment_row)
-
-
-def _to_assignments_bwd(residuals, d_assignments):
-  row_assignment, _ = residuals
-  return _take(d_assignments, row_assignment), None, None
-
-
-to_assignments.defvjp(_to_assignments_fwd, _to_assignments_bwd)
 
 
 @gin.configurable
@@ -124,16 +54,23 @@ class CapacityEinsum:
     eval_capacity_factor: when deterministic (mesh-TF: 2.0).
     min_capacity: lower bound on slots per expert (flaxformer: 4).
     implementation: "einsum" (the one-hot dispatch/combine einsums, which GSPMD turns into
-      all-to-alls on TPU), "gather" (the same placement by index gathers, without the einsums'
-      groups*tokens*experts*capacity*d_model FLOPs: on CPU at 2048 tokens, d_model 512, 8 experts,
-      top-2 the layer's forward+backward drops from 2.2x to 1.3-1.4x a dense FFN's), or "auto"
-      (gather on CPU, einsum on GPU/TPU). Both give the same result.
+      all-to-alls), "gather" (index gathers, without the einsums' groups*tokens*experts*capacity*
+      d_model FLOPs, into the padded layout of Dropless "padded": each expert's kept assignments
+      fill its balanced share of slots, the few past it run chunk by chunk, so the experts compute
+      the kept assignments and not the empty slots; on CPU at 2048 tokens, d_model 512, 8 experts,
+      top-2 the layer's forward+backward is 1.25-1.3x a dense FFN's, against 2.0-2.2x for einsum),
+      or "auto" (einsum on GPU/TPU, gather elsewhere).
+      All give the same result. With groups or experts split over devices, or expert dropout in
+      training, "gather" runs every [experts, groups * capacity] slot as the einsums do.
+    overflow_chunk: rows per step of the gather placement's pass over the assignments past an
+      expert's balanced share (see glam/moe/chunked_ffn.py).
   """
 
   capacity_factor: float = 1.25
   eval_capacity_factor: float = 2.0
   min_capacity: int = 4
   implementation: str = "auto"
+  overflow_chunk: int = 32
 
   def __post_init__(self):
     for name in ("capacity_factor", "eval_capacity_factor"):
@@ -141,6 +78,8 @@ class CapacityEinsum:
         raise ValueError(f"CapacityEinsum.{name}={getattr(self, name)}: must be > 0")
     if self.min_capacity < 1:
       raise ValueError(f"CapacityEinsum.min_capacity={self.min_capacity}: must be >= 1")
+    if self.overflow_chunk < 1:
+      raise ValueError(f"CapacityEinsum.overflow_chunk={self.overflow_chunk}: must be >= 1")
     if self.implementation not in CAPACITY_IMPLEMENTATIONS:
       raise ValueError(f"CapacityEinsum.implementation={self.implementation!r}: expected one of "
                        f"{list(CAPACITY_IMPLEMENTATIONS)}")
@@ -163,10 +102,9 @@ class CapacityEinsum:
     groups, tokens, d_model = x.shape
     num_experts, k = experts.num_experts, routing.expert_index.shape[-1]
     capacity = self.capacity(tokens, num_experts, k, ctx.deterministic)
-    position, active, keep = capacity_slots(routing, num_experts, capacity)
-    gates = jnp.where(keep, routing.gates, 0.0)  # [groups, tokens, k]
-
     if self._use_einsum():
+      position, active, keep = capacity_slots(routing, num_experts, capacity)
+      gates = jnp.where(keep, routing.gates, 0.0)  # [groups, tokens, k]
       to_expert = jax.nn.one_hot(routing.expert_index, num_experts, dtype=x.dtype) * keep[..., None]  # [g, t, k, e]
       to_slot = jax.nn.one_hot(position, capacity, dtype=x.dtype)  # [groups, tokens, k, capacity]
       dispatch = jnp.einsum("gtke,gtkc->gtec", to_expert, to_slot)  # [groups, tokens, experts, capacity]
@@ -175,23 +113,21 @@ class CapacityEinsum:
       out = experts(expert_in.reshape(num_experts, groups * capacity, d_model), ctx)
       out = out.reshape(num_experts, groups, capacity, d_model)
       y = jnp.einsum("gtec,egcm->gtm", combine.astype(out.dtype), out)  # [groups, tokens, d_model]
-    else:  # the same placement by index: slot row = (expert * groups + group) * capacity + position
-      rows = num_experts * groups * capacity
-      assignments = groups * tokens * k
-      group = jnp.arange(groups, dtype=jnp.int32)[:, None, None]
-      slot = (routing.expert_index * groups + group) * capacity + position  # [groups, tokens, k]
-      assignment_row = jnp.where(keep, slot, rows).reshape(assignments)  # dropped -> no row
-      row_assignment = jnp.full((rows,), assignments, jnp.int32).at[assignment_row].set(
-          jnp.arange(assignments, dtype=jnp.int32), mode="drop")  # empty slot -> no assignment
-      expert_in = to_expert_rows(x.reshape(groups * tokens, d_model), row_assignment, assignment_row, k)
-      out = experts(expert_in.reshape(num_experts, groups * capacity, d_model), ctx)  # [experts, g * c, d_model]
-      back = to_assignments(out.reshape(rows, d_model), row_assignment, assignment_row)
-      back = back.reshape(groups, tokens, k, d_model)
-      y = jnp.einsum("gtkm,gtk->gtm", back, gates.astype(back.dtype))  # [groups, tokens, d_model]
-
-    kept_per_expert = jnp.sum(jax.nn.one_hot(routing.expert_index, num_experts) * keep[..., None], axis=(0, 1, 2))
+      kept_per_expert = jnp.sum(jax.nn.one_hot(routing.expert_index, num_experts) * keep[..., None], axis=(0, 1, 2))
+    elif self._every_slot(experts, ctx):
+      y, keep, kept_per_expert = gather_every_slot(x, routing, experts, ctx, capacity)
+    else:
+      y, keep, kept_per_expert = gather_padded(x, routing, experts, ctx, capacity, self.overflow_chunk)
+    active = routing.gates > 0
     dropped = 1.0 - jnp.sum(keep) / jnp.maximum(jnp.sum(active), 1)
     return y, {"dropped_fraction": dropped.astype(jnp.float32), "expert_load": _expert_load(kept_per_expert)}
+
+  def _every_slot(self, experts, ctx) -> bool:
+    """Whether the gather placement runs every [experts, groups * capacity] slot through `experts` (as
+    the einsums do) instead of the padded layout: when the groups or experts are split over devices
+    (the padded layout mixes groups in each expert's rows and loops over experts; the slots keep
+    each group's rows on its device), and with expert dropout in training (the einsums' dropout mask)."""
+    return batch_shards() > 1 or (getattr(experts, "dropout_rate", 0) > 0 and not ctx.deterministic)
 
   def _expert_choice(self, x: jax.Array, routing: ExpertChoiceRouting, experts, ctx):
     groups, tokens, d_model = x.shape
