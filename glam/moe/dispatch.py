@@ -89,7 +89,7 @@ class CapacityEinsum:
     slots = max(self.min_capacity, math.ceil(factor * k * tokens_per_group / num_experts))
     return int(min(slots, tokens_per_group))
 
-  def _use_einsum(self) -> bool:
+  def uses_einsum(self) -> bool:
     if self.implementation == "auto":
       return jax.default_backend() in ("gpu", "tpu")
     return self.implementation == "einsum"
@@ -102,7 +102,7 @@ class CapacityEinsum:
     groups, tokens, d_model = x.shape
     num_experts, k = experts.num_experts, routing.expert_index.shape[-1]
     capacity = self.capacity(tokens, num_experts, k, ctx.deterministic)
-    if self._use_einsum():
+    if self.uses_einsum():
       position, active, keep = capacity_slots(routing, num_experts, capacity)
       gates = jnp.where(keep, routing.gates, 0.0)  # [groups, tokens, k]
       to_expert = jax.nn.one_hot(routing.expert_index, num_experts, dtype=x.dtype) * keep[..., None]  # [g, t, k, e]
@@ -133,7 +133,7 @@ class CapacityEinsum:
     groups, tokens, d_model = x.shape
     num_experts, capacity = routing.token_index.shape[1:]
     gates = routing.gates
-    if self._use_einsum():
+    if self.uses_einsum():
       dispatch = jax.nn.one_hot(routing.token_index, tokens, dtype=x.dtype)  # [groups, experts, capacity, tokens]
       expert_in = jnp.einsum("gect,gtm->egcm", dispatch, x)  # [experts, groups, capacity, d_model]
       out = experts(expert_in.reshape(num_experts, groups * capacity, d_model), ctx)

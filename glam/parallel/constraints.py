@@ -13,6 +13,7 @@ from glam.parallel.mesh import current_mesh
 TOKENS = ("batch", "length", None)               # [batch, length, d_model]
 GROUPED_TOKENS = ("batch", None, None)           # [groups, group_size, d_model]
 DISPATCHED = ("expert", "batch", None)           # [experts, groups * capacity, d_model]
+DISPATCHED_ROWS = (None, "batch", None)          # the same with every expert on every device
 
 
 def _auto_mesh():
@@ -36,12 +37,12 @@ class ExpertShardedCall:
   and returns is split over the expert axis (experts) and the other batch axes (rows): GSPMD then
   inserts the all-to-alls of GShard around the expert computation. Everything else is forwarded."""
 
-  def __init__(self, experts):
-    self._experts = experts
+  def __init__(self, experts, logical_axes=DISPATCHED):
+    self._experts, self._logical_axes = experts, logical_axes
 
   def __call__(self, x: jax.Array, ctx) -> jax.Array:
-    y = self._experts(constrain(x, DISPATCHED), ctx)  # [experts, rows, d_model]
-    return constrain(y, DISPATCHED)
+    y = self._experts(constrain(x, self._logical_axes), ctx)  # [experts, rows, d_model]
+    return constrain(y, self._logical_axes)
 
   def __getattr__(self, name):
     return getattr(self._experts, name)
