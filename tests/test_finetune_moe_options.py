@@ -3,10 +3,8 @@ they say (aux losses kept or dropped, expert dropout, router / expert freezing p
 import os
 import re
 
-import gin
 import jax
 import numpy as np
-import pytest
 from flax import nnx
 
 from glam import config as glam_config

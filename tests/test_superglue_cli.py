@@ -27,13 +27,14 @@ def read_jsonl(path):
     return [json.loads(line) for line in f]
 
 
-def test_rank_classification_writes_every_output(run):
+def test_rank_classification_writes_every_output(run, capsys):
   out = str(run["root"] / "rank")
-  proc = glam("eval", "superglue", f"--checkpoint={run['model_dir']}", "--tasks=all", "--shots=1",
-              f"--data_dir={run['data']}", f"--output_dir={out}", "--gin.evaluate_superglue.batch_size=8",
-              "--gin.evaluate_superglue.max_length=128")
-  assert "| **SuperGLUE score** |" in proc.stdout
-  assert "wsc: 100%|" in proc.stderr and "3/3" in proc.stderr  # the progress bar, over examples
+  code = cli.main(["eval", "superglue", f"--checkpoint={run['model_dir']}", "--tasks=all", "--shots=1",
+                   f"--data_dir={run['data']}", f"--output_dir={out}", "--gin.evaluate_superglue.batch_size=8",
+                   "--gin.evaluate_superglue.max_length=128"])
+  stdout, stderr = capsys.readouterr()
+  assert code == 0 and "| **SuperGLUE score** |" in stdout
+  assert "wsc: 100%|" in stderr and "3/3" in stderr  # the progress bar, over examples
   summary = json.load(open(os.path.join(out, "metrics.json")))
   assert set(summary["tasks"]) == {"boolq", "cb", "copa", "multirc", "record", "rte", "wic", "wsc", "axb", "axg"}
   assert set(summary["tasks"]["cb"]) == {"accuracy", "f1_macro"} and set(summary["tasks"]["axg"]) == {"gender_parity", "accuracy"}
@@ -65,12 +66,17 @@ def test_finetune_then_generate_from_a_checkpoint_step_directory(run):
   assert result["superglue_score"] is None  # three tasks: an average, not the SuperGLUE score
   rows = read_jsonl(os.path.join(out, "rte.predictions.jsonl"))
   assert len(rows) == 3 and all("generated" in r and r["label"] in ("entailment", "not_entailment") for r in rows)
+  assert sorted(os.listdir(out)) == ["metrics.json", "record.predictions.jsonl", "results.md",
+                                     "rte.predictions.jsonl", "wsc.predictions.jsonl"]
+  assert json.load(open(os.path.join(out, "metrics.json")))["settings"]["mode"] == "generate"
 
 
 @pytest.mark.parametrize("flags,message", [
     (["--tasks=rte,superb"], "unknown SuperGLUE task 'superb'; valid tasks: boolq, cb, copa, multirc, record"),
     (["--tasks=cb", "--shots=5"], "--shots=5: larger than the labelled train split of cb (4 examples in"),
     (["--tasks=rte,copa", "--tfds"], "give exactly one of --data_dir=DIR and --tfds"),
+    (["--tasks=rte", "--gin.evaluate_superglue.max_batch_tokens=0"],
+     "evaluate_superglue.max_batch_tokens=0: must be 1 or more"),
 ])
 def test_bad_flags_fail_before_anything_is_written(run, capsys, flags, message, tmp_path):
   out = tmp_path / "out"

@@ -53,6 +53,7 @@ def test_multirc_f1a_over_all_answers_and_exact_match_per_question():
   result = metrics.task_metrics(TASKS["multirc"], examples, predictions)
   # over all answers: tp 2, fp 0, fn 1 -> F1 = 4 / 5
   assert result["f1a"] == pytest.approx(80.0)
+  assert result["f1a"] == pytest.approx(100 * sklearn_metrics.f1_score([e["label"] for e in examples], predictions))
   assert result["exact_match"] == pytest.approx(100 * 2 / 3)
 
 

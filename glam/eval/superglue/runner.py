@@ -23,7 +23,8 @@ from glam.config import save_text
 from glam.eval.superglue import metrics as sg_metrics
 from glam.eval.superglue import prompts as sg_prompts
 from glam.eval.superglue.readers import Split
-from glam.eval.superglue.scoring import greedy_generate, score_continuations
+from glam.eval.superglue.generation import greedy_generate
+from glam.eval.superglue.scoring import DEFAULT_MAX_BATCH_TOKENS, score_options
 from glam.eval.superglue.tasks import TASKS, Task, label_name
 
 MODES = ("rank", "generate")
@@ -73,25 +74,26 @@ def draw_demonstrations(pool: list[dict], shots: int, seed: int, number: int) ->
 
 
 def rank_task(model, vocab, task: Task, examples, demos, *, shots, seed, batch_size, max_length,
-              length_normalised, prefix_lm, progress) -> list[dict]:
+              length_normalised, prefix_lm, progress, max_batch_tokens=DEFAULT_MAX_BATCH_TOKENS,
+              share_context=True) -> list[dict]:
   demo_task = TASKS[task.demo_task] if task.demo_task and demos else task
-  prompts, rows = [], []
+  prompts, groups = [], []
   for number, example in enumerate(examples):
     prompt = sg_prompts.rank_prompt(task, example)
     shown = [sg_prompts.demonstration(demo_task, d) for d in draw_demonstrations(demos, shots, seed, number)]
     context = vocab.encode(sg_prompts.few_shot_context(prompt.context, shown))
     prompts.append(prompt)
-    rows.extend((context, vocab.encode(option)) for option in prompt.options)
-  totals, counts = score_continuations(model, rows, batch_size=batch_size, max_length=max_length,
-                                       prefix_lm=prefix_lm, progress=progress)
-  scores = totals / np.maximum(counts, 1) if length_normalised else totals
-  results, offset = [], 0
-  for example, prompt in zip(examples, prompts):
-    option_scores = scores[offset:offset + len(prompt.options)]
-    offset += len(prompt.options)
+    groups.append((context, [vocab.encode(option) for option in prompt.options]))
+  totals = score_options(model, groups, batch_size=batch_size, max_length=max_length, prefix_lm=prefix_lm,
+                         max_batch_tokens=max_batch_tokens, use_cache=share_context, progress=progress)
+  results = []
+  for example, prompt, (_, options), option_totals in zip(examples, prompts, groups, totals):
     if not prompt.options:  # a ReCoRD passage without candidate entities
       results.append({"prediction": None, "scores": {}})
       continue
+    # Options cut to max_length keep their first max_length tokens.
+    counts = np.array([min(len(option), max_length) for option in options])
+    option_scores = option_totals / counts if length_normalised else option_totals
     best = int(np.argmax(option_scores))
     names = example["entities"] if task.name == "record" else list(task.labels)
     results.append({"prediction": names[best] if task.name == "record" else best,
@@ -100,7 +102,7 @@ def rank_task(model, vocab, task: Task, examples, demos, *, shots, seed, batch_s
 
 
 def generate_task(model, vocab, task: Task, examples, demos, *, shots, seed, batch_size, max_length,
-                  max_new_tokens, prefix_lm, progress) -> list[dict]:
+                  max_new_tokens, prefix_lm, progress, max_batch_tokens=DEFAULT_MAX_BATCH_TOKENS) -> list[dict]:
   demo_task = TASKS[task.demo_task] if task.demo_task and demos else task
   prompts = []
   for number, example in enumerate(examples):
@@ -110,7 +112,7 @@ def generate_task(model, vocab, task: Task, examples, demos, *, shots, seed, bat
     prompts.append([0] + vocab.encode(sg_prompts.few_shot_context(source, shown)))
   outputs = greedy_generate(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                             max_length=max_length, eos_id=vocab.eos_id, prefix_lm=prefix_lm,
-                            progress=progress)
+                            max_batch_tokens=max_batch_tokens, progress=progress)
   results = []
   for example, ids in zip(examples, outputs):
     text = vocab.decode(ids)
@@ -147,7 +149,8 @@ def markdown_table(per_task: dict, average: dict, header: str) -> str:
 @gin.configurable(denylist=["model", "vocab", "data", "output_dir"])
 def evaluate_superglue(model, vocab, data: list[tuple[Split, list[dict]]], output_dir: str, *,
                        mode: str = "rank", shots: int = 0, seed: int = 0, batch_size: int = 16,
-                       max_length: int = 1024, length_normalised: bool = True, prefix_lm: bool = False,
+                       max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, max_length: int = 1024,
+                       length_normalised: bool = True, share_context: bool = True, prefix_lm: bool = False,
                        max_new_tokens: int = 32, progress_bar: bool = True, header: str = "") -> dict:
   """Scores every task in `data` and writes the outputs (see the module docstring); returns
   metrics.json's dict.
@@ -157,30 +160,35 @@ def evaluate_superglue(model, vocab, data: list[tuple[Split, list[dict]]], outpu
     mode: "rank" (log-likelihood of each verbalised option, GLaM's NLU protocol) or "generate"
       (greedy decoding of the T5 target after text-to-text fine-tuning).
     shots: demonstrations per example, drawn from the pool (AX-b/AX-g: RTE's train split) by `seed`.
-    batch_size: rows per model call (rank: one row per option).
+    batch_size: examples per model call at most (rank: each with all its options).
+    max_batch_tokens: tokens per model call at most (a longer example gets a call of its own);
+      1024 suits XLA:CPU (see glam/eval/superglue/batching.py); raise it on accelerators.
     max_length: tokens per row; longer contexts lose their beginning. GLaM trained on 1024.
     length_normalised: rank by mean instead of summed token log-probability (GLaM's default).
+    share_context: rank mode runs an example's context once into the KV cache and scores each
+      option after it. False: each (context, option) is a row of its own, slower, but with
+      capacity-limited MoE routing an option's tokens are then routed together with its context's.
     prefix_lm: attend bidirectionally over the prompt (for models fine-tuned as prefix LMs).
     max_new_tokens: generation length (T5 targets are short; ReCoRD entities are the longest).
   """
   if mode not in MODES:
     raise ValueError(f"--mode={mode!r}: expected one of {', '.join(MODES)}")
+  for name, value in (("batch_size", batch_size), ("max_batch_tokens", max_batch_tokens), ("max_length", max_length)):
+    if value < 1:
+      raise ValueError(f"evaluate_superglue.{name}={value}: must be 1 or more")
   if any(len(demos) < shots for _, demos in data):
     raise ValueError(f"--shots={shots}: more than a task's demonstration pool (use load_task_data)")
   per_task, predictions = {}, {}
   for evaluation, demos in data:
     task, examples = evaluation.task, evaluation.examples
-    if mode == "generate":
-      rows = len(examples)
-    else:
-      rows = sum(len(e["entities"]) if task.name == "record" else len(task.labels) for e in examples)
-    # The bar counts examples; rows are scored sorted by length, so it advances by rows' share.
+    # The bar counts examples; they are scored shortest first, so its rate rises as it goes.
     bar = tqdm(total=len(examples), desc=task.name, unit="ex", disable=not progress_bar,
                dynamic_ncols=True, file=sys.stderr, bar_format="{l_bar}{bar}| {n:.0f}/{total} [{elapsed}, {rate_fmt}]")
     common = dict(shots=shots, seed=seed, batch_size=batch_size, max_length=max_length,
-                  prefix_lm=prefix_lm, progress=lambda done: bar.update(done * len(examples) / max(rows, 1)))
+                  max_batch_tokens=max_batch_tokens, prefix_lm=prefix_lm, progress=bar.update)
     if mode == "rank":
-      results = rank_task(model, vocab, task, examples, demos, length_normalised=length_normalised, **common)
+      results = rank_task(model, vocab, task, examples, demos, length_normalised=length_normalised,
+                          share_context=share_context, **common)
     else:
       results = generate_task(model, vocab, task, examples, demos, max_new_tokens=max_new_tokens, **common)
     bar.close()
@@ -190,7 +198,9 @@ def evaluate_superglue(model, vocab, data: list[tuple[Split, list[dict]]], outpu
   summary = {"tasks": per_task, **average,
              "settings": {"mode": mode, "shots": shots, "seed": seed,
                           "split": data[0][0].name if data else None,
-                          "length_normalised": length_normalised, "max_length": max_length,
+                          "length_normalised": length_normalised, "share_context": share_context,
+                          "max_length": max_length,
+                          "batch_size": batch_size, "max_batch_tokens": max_batch_tokens,
                           "examples": {name: len(rows) for name, rows in predictions.items()}}}
   for name, rows in predictions.items():
     save_text(os.path.join(output_dir, f"{name}.predictions.jsonl"),
