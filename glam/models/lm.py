@@ -124,7 +124,9 @@ class DecoderLM(nnx.Module):
     if self.tie_embeddings:
       logits = self.embed.attend(x)
     else:
-      logits = jnp.einsum("btm,mv->btv", x, self.logits_kernel[...].astype(self.dtype))  # [batch, length, vocab]
+      # On 2-D token rows: XLA:CPU computes the kernel's gradient of a 3-D einsum much more slowly.
+      kernel = self.logits_kernel[...].astype(self.dtype)
+      logits = (x.reshape(batch * length, self.d_model) @ kernel).reshape(batch, length, -1)  # [batch, length, vocab]
     if new_cache is not None:
       new_cache["layers"] = layer_cache
     aux_loss = sum((jnp.sum(v) for k, v in aux.items() if k.rsplit("/", 1)[-1].startswith("loss_")),

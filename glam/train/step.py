@@ -87,7 +87,8 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, seed: 
         "accuracy": stats["correct"] / total_weight,
         **({"distill_kl": stats["kl_sum"] / total_weight} if distill is not None else {}),
         "grad_norm": optax.tree.norm(grads),
-        "param_norm": optax.tree.norm(params),
+        # After the update: reading the old (donated) parameters here made XLA copy all of them.
+        "param_norm": optax.tree.norm(new_params),
         "skipped_updates": skipped_updates(opt_state),
         **({"learning_rate": lr} if (lr := current_learning_rate(opt_state)) is not None else {}),
         "tokens": jnp.sum(batch["segment_ids"] > 0),
