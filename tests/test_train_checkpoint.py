@@ -195,8 +195,10 @@ def test_save_killed_midway_leaves_previous_step_intact(tmp_path):
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=120)
   assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+  # Step 2 is at most a temporary directory (none at all if the kill came before Orbax made one:
+  # the timing depends on the machine's load), never a finished "2".
   leftovers = [d for d in os.listdir(tmp_path) if d.startswith("2")]
-  assert leftovers and all(".orbax-checkpoint-tmp" in d for d in leftovers), os.listdir(tmp_path)
+  assert all(".orbax-checkpoint-tmp" in d for d in leftovers), os.listdir(tmp_path)
   target = {"w": jax.ShapeDtypeStruct((4,), jnp.float32)}
   with Checkpointer(str(tmp_path)) as ckpt:
     assert ckpt.latest_step() == 1 and ckpt.all_steps() == [1]
