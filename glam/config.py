@@ -7,6 +7,7 @@ saved beside the run and inside every checkpoint.
 import importlib
 import os
 import pathlib
+import re
 import tokenize
 from typing import Iterable, Sequence
 
@@ -88,7 +89,19 @@ def parse(gin_files: Sequence[str] = (), bindings: Sequence[str] = (),
   for path in files:
     parse_one(lambda: gin.parse_config_file(path), f'"{path}"')
   for binding in bindings:
-    parse_one(lambda: gin.parse_config(binding), f"binding {binding!r}")
+    parse_one(lambda: gin.parse_config(quote_bare_path(binding)), f"binding {binding!r}")
+
+
+# A value made only of path characters with at least one "/" (runs/a, /tmp/x, gs://b/c) is never
+# valid gin, so `--gin.train.init_checkpoint=/tmp/run` means the string, as a T5X user would hope.
+BARE_PATH = re.compile(r"[\w.~:-]*/[\w./~:-]*")
+
+
+def quote_bare_path(binding: str) -> str:
+  name, sep, value = binding.partition("=")
+  if sep and BARE_PATH.fullmatch(value.strip()):
+    return f"{name.strip()} = {value.strip()!r}"
+  return binding
 
 
 def parse_one(action, where: str) -> None:

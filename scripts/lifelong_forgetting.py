@@ -63,7 +63,7 @@ def losses(run_dir, evals, batches):
           for name, spec in evals.items()}
 
 
-def main():
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--data", choices=sorted(SETTINGS), default="synthetic")
   parser.add_argument("--size", choices=sorted(SIZES), default="test")
@@ -73,7 +73,7 @@ def main():
   parser.add_argument("--distill_weight", type=float, default=1.0)
   parser.add_argument("--eval_batches", type=int, default=4)
   parser.add_argument("--out_dir", default="/tmp/glam_lifelong")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   setting = SETTINGS[args.data]
   shutil.rmtree(args.out_dir, ignore_errors=True)
   stage1, lifelong, naive = (os.path.join(args.out_dir, name) for name in ("stage1", "lifelong", "naive"))

@@ -84,7 +84,7 @@ def evaluate_dir(model_dir: str, domains: dict, args) -> dict:
           "gate_parameters": size(experts.get("gate", {}))}
 
 
-def main() -> None:
+def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--data", choices=["synthetic", "real"], default="synthetic")
   parser.add_argument("--workdir", default="runs/mode_report")
@@ -94,7 +94,7 @@ def main() -> None:
   parser.add_argument("--batch_size", type=int, default=8)
   parser.add_argument("--seq_len", type=int, default=128)
   parser.add_argument("--eval_batches", type=int, default=4)
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   workdir = os.path.join(args.workdir, args.data)
   shutil.rmtree(workdir, ignore_errors=True)
   os.makedirs(workdir)

@@ -58,3 +58,16 @@ def test_invalid_value_fails_at_construction_naming_binding():
 def test_cli_splits_gin_overrides():
   rest, bindings = split_gin_overrides(["train", "--gin.train.num_steps=5", "--model_dir=x"])
   assert rest == ["train", "--model_dir=x"] and bindings == ["train.num_steps=5"]
+
+
+def test_bare_paths_in_overrides_are_strings():
+  # T5X users write --gin.X=/path; gin itself would reject it. Quoted values, references and numbers
+  # keep their gin meaning.
+  config.parse(["configs/runs/finetune.gin"], ["init_checkpoint=/tmp/run-1/checkpoints",
+                                               "train.distill_from = runs/a.b", "train.data = 'synthetic:copy'"])
+  assert query("%init_checkpoint") == "/tmp/run-1/checkpoints"
+  assert query("train.distill_from") == "runs/a.b" and query("train.data") == "synthetic:copy"
+  assert config.quote_bare_path("MoeLayer.router = @TokenChoiceRouter") == "MoeLayer.router = @TokenChoiceRouter"
+  assert config.quote_bare_path("DecoderLM.d_model = 64") == "DecoderLM.d_model = 64"
+  with pytest.raises(config.ConfigError, match="gin configuration error"):
+    config.parse([], ["DecoderLM.d_model = not a path"])
