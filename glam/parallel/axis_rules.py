@@ -37,6 +37,10 @@ DEFAULT_RULES = (
 SPLIT_OR_FAIL = {"expert": "num_experts", "domain_expert": "MoDELM.num_domains"}
 
 
+class UnevenSplitError(ConfigError):
+  """An expert dimension that its mesh axes do not divide (callers may choose to keep it whole)."""
+
+
 @gin.configurable
 def axis_rules(rules: Sequence = DEFAULT_RULES) -> dict[str, tuple[str, ...]]:
   """The rules table as {logical name: mesh axes}.
@@ -75,7 +79,7 @@ def spec_for(logical_axes: Sequence[str | None], shape: Sequence[int], mesh, rul
     axes = [axis for axis in rules[name] if axis not in used and sizes.get(axis, 1) > 1]
     shards = math.prod(sizes[axis] for axis in axes)
     if name in SPLIT_OR_FAIL and dim % shards:
-      raise ConfigError(f"{where}: {SPLIT_OR_FAIL[name]}={dim} is not divisible by the mesh's "
+      raise UnevenSplitError(f"{where}: {SPLIT_OR_FAIL[name]}={dim} is not divisible by the mesh's "
                         f"{' x '.join(axes)} axis of size {shards}")
     while axes and dim % math.prod(sizes[axis] for axis in axes):
       axes.pop()  # keep the dimension whole rather than split it unevenly

@@ -69,13 +69,11 @@ def place_teacher(graphdef, params: dict, mesh):
   (its experts split over the expert axis), so a large previous stage is not copied whole onto
   every device. A teacher whose expert count the expert axis does not divide (E before growth,
   when only E+N does) stays whole on every device."""
-  from glam.parallel.axis_rules import axis_rules  # pylint: disable=import-outside-toplevel
+  from glam.parallel.axis_rules import UnevenSplitError, axis_rules  # pylint: disable=import-outside-toplevel
   from glam.parallel.sharding import named, param_logical_axes, param_specs
   from glam.parallel.train_state import place_state
   try:
     specs = param_specs(params, param_logical_axes(nnx.merge(graphdef, nnx.State(params))), mesh, axis_rules())
-  except ConfigError as error:
-    if "is not divisible by the mesh's" not in str(error):
-      raise
+  except UnevenSplitError:
     specs = jax.tree.map(lambda _: jax.sharding.PartitionSpec(), params)
   return place_state(params, named(specs, mesh))
