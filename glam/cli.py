@@ -222,6 +222,8 @@ def run_demo(args, bindings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+  from glam.train.host_memory import retain_freed_host_memory
+  retain_freed_host_memory()  # if GLAM_RETAIN_HOST_MEMORY=1; before XLA starts its threads
   argv = sys.argv[1:] if argv is None else argv
   rest, bindings = split_gin_overrides(argv)
   parser = build_parser()

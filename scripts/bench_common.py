@@ -6,6 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from glam.train.host_memory import retain_freed_host_memory
+
+# As `glam` does: honours GLAM_RETAIN_HOST_MEMORY=1 (glam/train/host_memory.py). This runs before
+# any JAX computation, since the benchmarks import this module first.
+HOST_MEMORY_RETAINED = retain_freed_host_memory()
+
 
 def random_batch(batch: int, seq_len: int, vocab: int, seed: int = 0) -> dict:
   rng = np.random.default_rng(seed)

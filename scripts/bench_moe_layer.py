@@ -24,6 +24,9 @@ from glam.layers.feedforward import FeedForward
 from glam.moe.dispatch import CapacityEinsum, Dropless
 from glam.moe.experts import Experts
 from glam.moe.routers import TokenChoiceRouting
+from glam.train.host_memory import retain_freed_host_memory
+
+retain_freed_host_memory()  # as `glam` does (GLAM_RETAIN_HOST_MEMORY=1), before any JAX computation
 
 SIZES = [  # tokens, d_model, experts, k, expert hidden, tokens per group
     dict(tokens=2048, d_model=512, experts=8, k=2, hidden=1024, group=1024),  # the shape

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from bench_common import random_batch, time_steps
+from bench_common import HOST_MEMORY_RETAINED, random_batch, time_steps
 from glam import config
 from glam.models.lm import DecoderLM
 from glam.models.summary import abstract_model, flops_per_token
@@ -107,6 +107,7 @@ def main():
                       "glam_over_peer": round(tps / peer_tps, 3), "glam_mfu": round(run["flops"] * tps / peak, 4),
                       "peer_mfu": round(run["flops"] * peer_tps / peak, 4), "matmul_peak_tflops": round(peak / 1e12, 4),
                       "glam_compile_s": round(run["compile_s"], 1), "rounds": args.rounds,
+                      "host_memory_retained": HOST_MEMORY_RETAINED,
                       "peer_output": peer_out}), flush=True)
 
 
