@@ -74,7 +74,7 @@ def test_train_loss_counts_target_tokens_only(model_and_logits):
   pure = nnx.to_pure_dict(params)
   state = {"step": jnp.int32(0), "params": pure, "opt_state": optimizer.init(pure)}
   _, metrics = jax.jit(make_train_step(graphdef, optimizer))(state, batch)
-  nll, _ = token_losses(run(batch), batch["targets"])
+  nll, _, _ = token_losses(run(batch), batch["targets"])
   targets_only = batch["loss_weights"][0] > 0
   assert targets_only.sum() == 3 + 3  # "ef" + eos, "xy" + eos
   np.testing.assert_allclose(float(metrics["loss"]), float(np.asarray(nll)[0][targets_only].mean()), rtol=1e-5)

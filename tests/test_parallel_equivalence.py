@@ -71,7 +71,7 @@ def loss_and_grads(mesh_name: str):
 
   def loss_fn(p, b, graphdef):
     out = forward(graphdef, p, b, deterministic=False, rng=jax.random.key(1))
-    nll, _ = token_losses(out.logits, b["targets"])
+    nll, _, _ = token_losses(out.logits, b["targets"])
     return jax.numpy.mean(nll) + out.aux_loss
 
   def all_dispatchers(p, b):

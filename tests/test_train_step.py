@@ -46,7 +46,7 @@ def fresh_state(params, optimizer):
 def test_token_losses_match_log_softmax():
   logits = jax.random.normal(jax.random.key(0), (2, 3, 5))
   targets = jnp.array([[0, 1, 2], [3, 4, 0]])
-  nll, _ = token_losses(logits, targets)
+  nll, _, _ = token_losses(logits, targets)
   expected = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
   np.testing.assert_allclose(nll, expected, rtol=1e-6)
 
@@ -99,9 +99,21 @@ def test_eval_step_sums_per_domain(setup):
   b = batch()
   sums = jax.jit(make_eval_step(graphdef, num_domains=2))(params, b)
   model = nnx.merge(graphdef, params)
-  nll, _ = token_losses(model(b["inputs"], segment_ids=b["segment_ids"], positions=b["positions"]).logits,
+  nll, _, _ = token_losses(model(b["inputs"], segment_ids=b["segment_ids"], positions=b["positions"]).logits,
                         b["targets"])
   for domain in (0, 1):
     rows = b["domain_ids"] == domain
     np.testing.assert_allclose(sums["nll"][domain], np.sum(np.where(rows, nll, 0)), rtol=1e-5)
     assert sums["tokens"][domain] == rows.sum()
+
+
+def test_token_losses_top_prediction_matches_argmax():
+  logits = jax.random.normal(jax.random.key(3), (4, 16, 50))
+  targets = jnp.argmax(logits, -1).at[:, ::2].set(7)  # half the rows' targets are the argmax, the rest mostly not
+  nll, log_z, top = token_losses(logits, targets)
+  np.testing.assert_array_equal(top, jnp.argmax(logits, -1) == targets)
+  np.testing.assert_allclose(nll, -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0],
+                             rtol=1e-5, atol=1e-5)
+  assert 0 < int(top.sum()) < top.size
+  # an exact tie counts as correct (argmax would pick the lower id)
+  assert bool(token_losses(jnp.zeros((1, 1, 5)), jnp.array([[3]]))[2][0, 0])
