@@ -15,6 +15,8 @@ class LayerContext:
   deterministic:   True disables dropout and router noise.
   rng:             a key for dropout/noise, already folded with the layer index; None if deterministic.
   token_mask:      [batch, q_len] bool, False on padding (MoE routing ignores those tokens), or None.
+  causal:          True when `mask` lets no query attend a later key and keys are the queries
+                   (no KV cache, no prefix-LM), so attention may skip the blocks above the diagonal.
   """
 
   mask: jax.Array
@@ -24,6 +26,7 @@ class LayerContext:
   deterministic: bool = True
   rng: jax.Array | None = None
   token_mask: jax.Array | None = None
+  causal: bool = False
 
   def with_rng(self, rng):
     return dataclasses.replace(self, rng=rng)

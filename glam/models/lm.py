@@ -101,7 +101,7 @@ class DecoderLM(nnx.Module):
       row_index = jnp.arange(length)
       mask = attention_mask(segment_ids, segment_ids, row_index, row_index, prefix_mask, prefix_mask)
       ctx = LayerContext(mask, positions, positions, None, deterministic, None if deterministic else rng,
-                         token_mask=segment_ids > 0)
+                         token_mask=segment_ids > 0, causal=prefix_mask is None)
       layer_cache, new_cache = None, None
     else:
       index = cache["index"]
