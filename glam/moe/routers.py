@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from glam.moe.capped_assignment import log_capped_assignment
+
 _JITTER_SALT = 0x6A17  # rng streams folded from the layer's key; distinct from dropout's small salts
 _SECOND_EXPERT_SALT = 0x5EC2
 
@@ -104,6 +106,23 @@ def _real(token_mask: jax.Array | None, shape) -> jax.Array:
   if token_mask.shape != tuple(shape):
     raise ValueError(f"token_mask has shape {token_mask.shape}; expected [groups, tokens] = {tuple(shape)}")
   return token_mask.astype(bool)
+
+
+def _check_cap(capacity_factor: float, cap: int | None, entropy: float, iterations: int, entropy_start: float | None):
+  if cap is None:
+    return
+  if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+    raise ValueError(f"ExpertChoiceRouter.max_experts_per_token={cap!r}: must be an int >= 1 or None (uncapped)")
+  if cap < capacity_factor:
+    raise ValueError(f"ExpertChoiceRouter.max_experts_per_token={cap}: must be >= capacity_factor={capacity_factor} "
+                     "(tokens see capacity_factor experts on average, so a smaller cap cannot hold)")
+  if not entropy > 0:
+    raise ValueError(f"ExpertChoiceRouter.cap_entropy={entropy}: must be > 0")
+  if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+    raise ValueError(f"ExpertChoiceRouter.cap_iterations={iterations!r}: must be an int >= 1")
+  if entropy_start is not None and not entropy_start >= entropy:
+    raise ValueError(f"ExpertChoiceRouter.cap_entropy_start={entropy_start}: must be >= cap_entropy={entropy} "
+                     "or None (no annealing)")
 
 
 @gin.configurable
@@ -193,17 +212,32 @@ class ExpertChoiceRouter(_Router):
       top-2 compute).
     jitter_eps: in training, multiply the router input by U(1-eps, 1+eps) (Switch; default 0: off).
     init_stddev: router kernel initialiser, normal(stddev) (flaxformer: 2e-2).
+    max_experts_per_token: b, capped expert choice (Zhou et al. §3.3): experts pick the top
+      tokens of an entropy-regularised assignment whose token columns sum to at most b (see
+      glam/moe/capped_assignment.py); gates stay the scores S. None (default): uncapped. Must be
+      >= capacity_factor, the mean experts per token. Applies to training and eval groups;
+      `decode_routing` is unchanged.
+    cap_entropy: the assignment's entropy weight lambda (Zhou et al. §3.3: 0.001).
+    cap_iterations: Dykstra rounds per group (Zhou et al. §3.3: at most 100).
+    cap_entropy_start: anneal lambda from this value to cap_entropy over the first 80% of the
+      rounds, a warm start that the paper does not use; without it 100 rounds at lambda = 0.001
+      barely move peaked scores. None: every round at cap_entropy, as in the paper.
 
   Padding (token_mask False): padding tokens score -inf before the top-k over tokens, so an
   expert picks one only when the group has fewer real tokens than the capacity; its gate is 0.
   """
 
   def __init__(self, d_model: int, num_experts: int, *, capacity_factor: float = 2.0,
-               jitter_eps: float = 0.0, init_stddev: float = 2e-2, rngs: nnx.Rngs):
+               jitter_eps: float = 0.0, init_stddev: float = 2e-2, max_experts_per_token: int | None = None,
+               cap_entropy: float = 0.001, cap_iterations: int = 100, cap_entropy_start: float | None = 1.0,
+               rngs: nnx.Rngs):
     if not capacity_factor > 0:
       raise ValueError(f"ExpertChoiceRouter.capacity_factor={capacity_factor}: must be > 0")
+    _check_cap(capacity_factor, max_experts_per_token, cap_entropy, cap_iterations, cap_entropy_start)
     super().__init__(d_model, num_experts, jitter_eps, init_stddev, rngs)
     self.capacity_factor = capacity_factor
+    self.max_experts_per_token, self.cap_entropy = max_experts_per_token, cap_entropy
+    self.cap_iterations, self.cap_entropy_start = cap_iterations, cap_entropy_start
 
   def capacity(self, tokens_per_group: int) -> int:
     """Tokens per expert: n c / e rounded half up, at least 1 and at most n."""
@@ -217,8 +251,20 @@ class ExpertChoiceRouter(_Router):
     probs = jax.nn.softmax(logits, axis=-1)
     real = _real(token_mask, probs.shape[:2])
     scores = jnp.where(real[..., None], probs, -jnp.inf).swapaxes(1, 2)  # [groups, experts, tokens]
+    if self.max_experts_per_token is not None:
+      return self._capped(scores, real, probs, logits)
     top_scores, token_index = jax.lax.top_k(scores, self.capacity(x.shape[1]))  # [groups, experts, capacity]
     gates = jnp.where(jnp.isneginf(top_scores), 0.0, top_scores)
+    return ExpertChoiceRouting(token_index.astype(jnp.int32), gates, probs, logits)
+
+  def _capped(self, scores, real, probs, logits) -> ExpertChoiceRouting:
+    """Each expert takes the top-capacity tokens of its row of the capped assignment A."""
+    capacity = self.capacity(scores.shape[2])
+    log_a = log_capped_assignment(jnp.where(real[:, None, :], scores, 0.0), capacity, self.max_experts_per_token,
+                                  self.cap_entropy, self.cap_iterations, real, self.cap_entropy_start)
+    _, token_index = jax.lax.top_k(log_a, capacity)  # [groups, experts, capacity]; padding (-inf) last
+    gates = jnp.take_along_axis(scores, token_index, axis=2)  # S keeps its gradient; A has none
+    gates = jnp.where(jnp.isneginf(gates), 0.0, gates)
     return ExpertChoiceRouting(token_index.astype(jnp.int32), gates, probs, logits)
 
   def decode_routing(self, x: jax.Array, *, k: int | None = None,
