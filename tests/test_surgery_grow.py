@@ -10,7 +10,7 @@ import pytest
 
 from glam import cli, config
 from glam.surgery import runs
-from glam.surgery.grow import grow
+from glam.surgery.grow import grow, grown_config
 from glam.train.loading import load_trained
 
 TINY_MOE = ["DecoderLM.d_model=32", "DecoderLM.num_blocks=1", "DecoderLM.vocab_size=260", "Attention.num_heads=2",
@@ -126,3 +126,12 @@ def test_bad_input_is_refused_and_the_source_is_untouched(sources, tmp_path, cap
   assert code == 2 and "4+2=6 experts is not divisible by the mesh's expert axis of size 4" in capsys.readouterr().err
   assert not any((tmp_path / name).exists() for name in ("a", "b", "d", "e"))
   assert {name: digest(path) for name, path in sources.items()} == before
+
+
+def test_preserve_scales_the_expert_choice_cap_with_the_capacity_factor():
+  text = ("MoeLayer.router = @ExpertChoiceRouter()\nExpertChoiceRouter.capacity_factor = 2.0\n"
+          "ExpertChoiceRouter.max_experts_per_token = 3\n")
+  grown = grown_config(text, old=4, new=6, preserve=True)
+  assert "ExpertChoiceRouter.capacity_factor = 3.0" in grown
+  assert "ExpertChoiceRouter.max_experts_per_token = 5" in grown  # ceil(3 x 6 / 4): still >= the factor
+  assert "max_experts_per_token = 3" in grown_config(text, old=4, new=6, preserve=False)

@@ -23,6 +23,7 @@ New experts are initialised by `init`:
               probability is exactly 0, so is the gradient reaching the new columns: preserve
               checks equivalence, use noisy_copy to train the new experts.
 """
+import math
 import re
 
 import gin
@@ -36,6 +37,7 @@ INITS = ("copy", "noisy_copy", "random", "preserve")
 ROUTER_REFERENCE = re.compile(r"@((?:[\w.]+/)*)(TokenChoiceRouter|ExpertChoiceRouter)\b")
 CAPACITY_LINE = re.compile(r"^((?:[\w.]+/)*(?:ExpertChoiceRouter|CapacityEinsum)\.(?:eval_)?capacity_factor)"
                            r"\s*=\s*([-+0-9.eE]+)\s*$", re.M)
+CAP_LINE = re.compile(r"^((?:[\w.]+/)*ExpertChoiceRouter\.max_experts_per_token)\s*=\s*(\d+)\s*$", re.M)
 PRESERVE_MARGIN = 120.0  # exp(-120) underflows to exactly 0 in float32 (and bfloat16)
 
 
@@ -56,6 +58,8 @@ def grown_config(text: str, old: int, new: int, preserve: bool) -> str:
     ratio = new / old
     seen = set(m.group(1) for m in CAPACITY_LINE.finditer(text))
     text = CAPACITY_LINE.sub(lambda m: f"{m.group(1)} = {float(m.group(2)) * ratio!r}", text)
+    # capped expert choice: the cap must stay >= the scaled capacity factor (experts per token)
+    text = CAP_LINE.sub(lambda m: f"{m.group(1)} = {math.ceil(int(m.group(2)) * ratio)}", text)
     lines = [text.rstrip(), "", lines[-1]]
     from glam.moe.dispatch import CapacityEinsum
     from glam.moe.routers import ExpertChoiceRouter
