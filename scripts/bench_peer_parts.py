@@ -7,8 +7,9 @@ of 64, 8 SwiGLU experts of 1024 with 512 rows each (the balanced top-2 load), vo
 
   matmul_2d        [2048, 512] @ [512, 1024], forward only: the raw kernel
   experts_fwd_bwd  one layer's experts as batched matmuls, forward + backward
-  attention_fwd_bwd the causal attention core softmax(q k^T) v, forward + backward (glam: its
-                   hand-written gradient; PyTorch: scaled_dot_product_attention, is_causal)
+  attention_fwd_bwd the causal attention core softmax(q k^T) v, forward + backward (glam: as the
+                   model runs it, 4 causal blocks and the hand-written gradient; PyTorch:
+                   scaled_dot_product_attention with is_causal)
   logits_ce        [2048, 512] @ [512, 8192] logits and cross-entropy, forward + backward
   adamw            one AdamW update of 62.9 M float32 parameters (the model's size), as a flat array
 
@@ -27,7 +28,7 @@ import bench_common  # noqa: F401  (applies GLAM_RETAIN_HOST_MEMORY before JAX s
 import jax
 import jax.numpy as jnp
 
-from glam.layers.attention import attend
+from glam.layers.attention import attend_causal_blocks
 
 PARAMS = 62_935_552  # the peer-race model's parameter count (glam and the peer agree)
 E, C, M, F, B, H, L, D, V = 8, 512, 512, 1024, 8, 8, 256, 64, 8192
@@ -75,8 +76,9 @@ def glam_parts():
   experts = jax.jit(jax.grad(expert_loss, argnums=(0, 1, 2, 3)))
   expert_args = (r(E, C, M), r(E, M, F), r(E, M, F), r(E, F, M))
   mask = jnp.broadcast_to(jnp.tril(jnp.ones((L, L), bool)), (B, 1, L, L))
-  attention = jax.jit(jax.grad(lambda q, k, v: jnp.sum(jnp.square(attend(q * D ** -0.5, k, v, mask, None))),
-                               argnums=(0, 1, 2)))
+  attention = jax.jit(jax.grad(
+      lambda q, k, v: jnp.sum(jnp.square(attend_causal_blocks(q * D ** -0.5, k, v, mask, None, blocks=4))),
+      argnums=(0, 1, 2)))
   qkv = (r(B, H, L, D), r(B, H, L, D), r(B, H, L, D))
   targets = jax.random.randint(next(keys), (2048,), 0, V)
 
