@@ -73,3 +73,26 @@ def test_feedforward_matches_formula(activation, gated):
 def test_bad_activation_names_the_binding():
   with pytest.raises(ValueError, match=r"FeedForward.activation='tanh'.*geglu"):
     FeedForward(8, d_ff=16, activation="tanh", rngs=nnx.Rngs(0))
+
+
+def test_attention_causal_blocks_change_nothing_on_real_tokens():
+  from glam.layers.attention import Attention
+  segments = jnp.array([[1, 1, 1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1, 1, 1]])  # packed, one padding slot
+  positions = jnp.array([[0, 1, 2, 3, 0, 1, 2, 0], list(range(8))])
+  index = jnp.arange(8)
+  ctx = LayerContext(attention_mask(segments, segments, index, index), positions, positions, causal=True)
+  x = jax.random.normal(jax.random.key(0), (2, 8, 16))
+  whole = Attention(16, num_heads=2, head_dim=8, causal_blocks=1, rngs=nnx.Rngs(0))
+  split = Attention(16, num_heads=2, head_dim=8, causal_blocks=4, causal_blocks_min_length=8, rngs=nnx.Rngs(0))
+  short = Attention(16, num_heads=2, head_dim=8, causal_blocks=4, rngs=nnx.Rngs(0))  # 8 < the default 256
+
+  def run(layer):
+    out = jax.jit(lambda x: layer(x, ctx)[0])
+    return out(x), jax.make_jaxpr(lambda x: layer(x, ctx)[0])(x)
+
+  (y_whole, _), (y_split, jaxpr_split), (y_short, jaxpr_short) = run(whole), run(split), run(short)
+  real = (segments > 0)[..., None]
+  np.testing.assert_allclose(jnp.where(real, y_split, 0), jnp.where(real, y_whole, 0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(y_short, y_whole)
+  count = lambda jaxpr: str(jaxpr).count("custom_vjp_call")
+  assert count(jaxpr_split) == 4 and count(jaxpr_short) == 1
