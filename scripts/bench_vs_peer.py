@@ -69,17 +69,18 @@ def run_peer(args) -> tuple[float, str]:
   return float(re.search(r"step_s=([0-9.]+)", out).group(1)), out
 
 
-def run_glam(dispatcher: str, steps: int) -> dict:
+def run_glam(dispatcher: str, steps: int, bindings: list[str]) -> dict:
   """One dispatcher's step in a process of its own, which exits before the peer runs: while a
   process holding a compiled glam step (and its ~2 GB of state) merely sleeps, the peer ran 10-20%
   slower here (1.47-1.61 s against 1.34-1.37 s a step), so nothing of glam stays alive."""
-  out = subprocess.run([sys.executable, __file__, "--glam_worker", dispatcher, "--steps", str(steps)],
+  out = subprocess.run([sys.executable, __file__, "--glam_worker", dispatcher, "--steps", str(steps),
+                        *[f"--gin={b}" for b in bindings]],
                        capture_output=True, text=True, check=True).stdout
   return json.loads(out.strip().splitlines()[-1])
 
 
-def glam_worker(dispatcher: str, steps: int) -> None:
-  step, state, batch, flops = build_glam_step(dispatcher)
+def glam_worker(dispatcher: str, steps: int, bindings: list[str]) -> None:
+  step, state, batch, flops = build_glam_step(dispatcher, bindings)
   compile_s, step_s, _ = time_steps(step, state, batch, steps)
   print(json.dumps({"step_s": step_s, "compile_s": compile_s, "flops": flops, "peak": measure_matmul_peak()}))
 
@@ -92,10 +93,12 @@ def main():
   parser.add_argument("--steps", type=int, default=4, help="timed steps per run (median)")
   parser.add_argument("--rounds", type=int, default=2, help="alternating peer / glam rounds (best kept)")
   parser.add_argument("--dispatchers", default="dropless", help=f"comma-separated, of {sorted(DISPATCHERS)}")
+  parser.add_argument("--gin", action="append", default=[],
+                      help="an extra gin binding for glam, e.g. --gin=DecoderLM.scan_layers=False (repeatable)")
   parser.add_argument("--glam_worker", help=argparse.SUPPRESS)  # internal: time one dispatcher, print JSON
   args = parser.parse_args()
   if args.glam_worker:
-    return glam_worker(args.glam_worker, args.steps)
+    return glam_worker(args.glam_worker, args.steps, args.gin)
   if not args.peer_python:
     parser.error("--peer_python is required")
   names = args.dispatchers.split(",")
@@ -110,7 +113,7 @@ def main():
     if peer_s < peer_best:
       peer_best, peer_out = peer_s, out
     for name, run in glam.items():
-      result = run_glam(name, args.steps)
+      result = run_glam(name, args.steps, args.gin)
       run["best"].append(result["step_s"])
       run["compile_s"].append(result["compile_s"])
       run["flops"] = result["flops"]
@@ -126,7 +129,7 @@ def main():
                       "glam_over_peer": round(tps / peer_tps, 3), "glam_mfu": round(run["flops"] * tps / peak, 4),
                       "peer_mfu": round(run["flops"] * peer_tps / peak, 4), "matmul_peak_tflops": round(peak / 1e12, 4),
                       "glam_compile_s": round(min(run["compile_s"]), 1), "rounds": args.rounds,
-                      "host_memory_retained": HOST_MEMORY_RETAINED,
+                      "host_memory_retained": HOST_MEMORY_RETAINED, "gin": args.gin,
                       "peer_output": peer_out}), flush=True)
 
 
