@@ -8,6 +8,9 @@
   glam report routing --model_dir=DIR                PNG heatmap of expert load per MoE layer
   glam experts grow --from=RUN --to=DIR --add=N      Lifelong-MoE growth; `experts upcycle`: dense -> MoE
   glam demo                                          a small model on the built-in corpus, end to end
+
+Environment: GLAM_RETAIN_HOST_MEMORY=1 keeps freed host memory in the process, so long CPU runs stop
+page-faulting XLA's per-step temporaries (slower compiles; see README, "The glam command").
 """
 import argparse
 import json

@@ -61,7 +61,9 @@ attend.defvjp(_attend_fwd, _attend_bwd)
 def attend_causal_blocks(q, k, v, mask, bias, blocks: int) -> jax.Array:
   """`attend` for causal masks (no query sees a later key, keys = queries), skipping the blocks
   above the diagonal: query block i of `blocks` attends keys [0, (i + 1) L / blocks) only, which
-  is (blocks + 1) / (2 blocks) of the work (5/8 with 4 blocks). Exact: the skipped keys are masked.
+  is (blocks + 1) / (2 blocks) of the work (5/8 with 4 blocks). Exact for every query that attends
+  something, since the skipped keys are masked; a padding query (attends nothing) averages the
+  values of its block's keys instead of all keys, which no loss or real token reads.
   """
   length = q.shape[2]
   if blocks <= 1 or length % blocks:
