@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from glam.models.decode import generate, init_cache
-from glam.models.lm import DecoderLM
+from glam.models.lm import DecoderLM, unstack_layers
 from glam.models.summary import abstract_model, count_parameters, flops_per_token
 
 TINY = dict(vocab_size=40, d_model=32, num_blocks=2)
@@ -64,10 +64,10 @@ def test_prefix_lm_prefix_is_bidirectional(model):
   np.testing.assert_allclose(model(x).logits[:, :3], model(changed).logits[:, :3], atol=1e-6)  # causal: not
 
 
-@pytest.mark.parametrize("position", ["rotary", "relative_bias"])
-def test_kv_cache_decoding_matches_full_forward(position):
+@pytest.mark.parametrize("position,scan_layers", [("rotary", True), ("relative_bias", True), ("rotary", False)])
+def test_kv_cache_decoding_matches_full_forward(position, scan_layers):
   gin.bind_parameter("Attention.position", position)
-  model = DecoderLM(**TINY, rngs=nnx.Rngs(1))
+  model = DecoderLM(**TINY, scan_layers=scan_layers, rngs=nnx.Rngs(1))
   x = tokens((2, 9))
   full = model(x).logits
   cache = init_cache(model, 2, 12)
@@ -102,11 +102,27 @@ def test_scan_and_unrolled_agree_and_remat_keeps_gradients():
   loss = lambda m: jnp.mean(m(x).logits ** 2)
   base = DecoderLM(**TINY, rngs=nnx.Rngs(2))
   grads = nnx.grad(loss)(base)
-  for kwargs in (dict(scan_layers=False), dict(remat_policy="full"), dict(remat_policy="dots")):
+  for kwargs in (dict(scan_layers=False), dict(remat_policy="full"), dict(remat_policy="dots"),
+                 dict(scan_layers=False, remat_policy="full")):
     other = DecoderLM(**TINY, **kwargs, rngs=nnx.Rngs(2))
     np.testing.assert_allclose(other(x).logits, base(x).logits, atol=1e-5)
     for a, b in zip(jax.tree.leaves(nnx.grad(loss)(other)), jax.tree.leaves(grads)):
       np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_unrolled_blocks_stack_their_gradients_without_zero_padded_copies():
+  stacked = {"w": jnp.arange(12.0).reshape(3, 2, 2), "b": jnp.ones((3, 2))}
+  loss = lambda s: sum(jnp.sum(layer["w"] ** 2) * (i + 1) + jnp.sum(layer["b"]) * i
+                       for i, layer in enumerate(unstack_layers(s, 3)))
+  grads = jax.grad(loss)(stacked)
+  np.testing.assert_allclose(grads["w"], 2 * stacked["w"] * jnp.arange(1.0, 4.0)[:, None, None])
+  np.testing.assert_allclose(grads["b"], jnp.broadcast_to(jnp.arange(3.0)[:, None], (3, 2)))
+  # Plain slices' transpose pads each layer's gradient to the whole stack and sums the pads
+  hlo = lambda f: jax.jit(jax.grad(f)).lower(stacked).as_text()
+  sliced = lambda s: sum(
+      jnp.sum(s["w"][i] ** 2) * (i + 1) + jnp.sum(s["b"][i]) * i for i in range(3))
+  assert "stablehlo.pad" in hlo(sliced)
+  assert "stablehlo.pad" not in hlo(loss) and "stablehlo.concatenate" in hlo(loss)
 
 
 def test_bfloat16_compute_keeps_float32_params_and_close_logits(model):
