@@ -22,7 +22,7 @@ from glam.models.lm import DecoderLM
 from glam.models.summary import abstract_model, count_parameters, flops_per_token
 from glam.train.flops import measure_matmul_peak
 from glam.train.optimizers import adafactor, make_optimizer
-from glam.train.step import make_train_step
+from glam.train.step import DEFAULT_LOG_EVERY, make_train_step
 
 MODELS = {
     # the demo model (configs/models/dense_tiny.gin) at the demo's batch shape
@@ -43,7 +43,8 @@ def bench(name: str, spec: dict, steps: int, peak: float) -> dict:
   params = nnx.to_pure_dict(state)
   optimizer = make_optimizer(optimizer=functools.partial(adafactor, learning_rate=1e-3))
   train_state = {"step": np.int32(0), "params": params, "opt_state": optimizer.init(params)}
-  step = jax.jit(make_train_step(graphdef, optimizer), donate_argnums=(0,))
+  # As `glam train` runs it: the norm metrics only on the steps it logs (every log_every)
+  step = jax.jit(make_train_step(graphdef, optimizer, norms_every=DEFAULT_LOG_EVERY), donate_argnums=(0,))
   batch = random_batch(spec["batch"], spec["seq_len"], model.vocab_size)
   compile_s, step_s, _ = time_steps(step, train_state, batch, steps)
   tokens_per_s = spec["batch"] * spec["seq_len"] / step_s

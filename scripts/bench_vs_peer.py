@@ -34,7 +34,7 @@ from glam.models.lm import DecoderLM
 from glam.models.summary import abstract_model, flops_per_token
 from glam.train.flops import measure_matmul_peak
 from glam.train.optimizers import adamw, make_optimizer
-from glam.train.step import make_train_step
+from glam.train.step import DEFAULT_LOG_EVERY, make_train_step
 
 BATCH, SEQ_LEN, VOCAB = 8, 256, 8192
 SHAPE = [f"DecoderLM.vocab_size = {VOCAB}", "DecoderLM.d_model = 512", "DecoderLM.num_blocks = 4",
@@ -59,7 +59,8 @@ def build_glam_step(dispatcher: str, bindings=()):
   params = nnx.to_pure_dict(state)
   optimizer = make_optimizer(optimizer=functools.partial(adamw, learning_rate=1e-4), skip_nonfinite=False)
   train_state = {"step": np.int32(0), "params": params, "opt_state": optimizer.init(params)}
-  step = jax.jit(make_train_step(graphdef, optimizer), donate_argnums=(0,))
+  # As `glam train` runs it: the norm metrics only on the steps it logs (every log_every)
+  step = jax.jit(make_train_step(graphdef, optimizer, norms_every=DEFAULT_LOG_EVERY), donate_argnums=(0,))
   return step, train_state, random_batch(BATCH, SEQ_LEN, VOCAB), flops_per_token(info, SEQ_LEN)["train"]
 
 

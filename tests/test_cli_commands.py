@@ -16,7 +16,7 @@ def last_json(capsys) -> dict:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   model_dir = str(tmp_path_factory.mktemp("run") / "model")
-  assert main(["train", *TINY_RUN, "--gin.train.num_steps=30", "--gin.train.eval_every=30",
+  assert main(["train", *TINY_RUN, "--gin.train.num_steps=30", "--gin.train.eval_every=30", "--gin.train.log_every=7",
                "--gin.train.num_eval_batches=3", f"--model_dir={model_dir}"]) == 0
   return model_dir
 
@@ -30,6 +30,9 @@ def test_train_reports_eval_per_domain(trained):
   assert len(domains) >= 3 and domains <= {"arithmetic", "copy", "sentences", "kv_recall", "reverse"}
   train_rows = [r for r in rows if r["prefix"] == "train"]
   assert train_rows[-1]["loss"] < train_rows[0]["loss"]
+  # the step computes the norm metrics only on the steps the trainer logs: every 7th and the last
+  assert [r["step"] for r in train_rows] == [7, 14, 21, 28, 30]
+  assert all(0 < r["grad_norm"] < float("inf") and 0 < r["param_norm"] < float("inf") for r in train_rows)
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(trained))
 
 

@@ -117,3 +117,23 @@ def test_token_losses_top_prediction_matches_argmax():
   assert 0 < int(top.sum()) < top.size
   # an exact tie counts as correct (argmax would pick the lower id)
   assert bool(token_losses(jnp.zeros((1, 1, 5)), jnp.array([[3]]))[2][0, 0])
+
+
+def test_norm_metrics_only_on_the_steps_the_trainer_logs(setup):
+  graphdef, params = setup
+  optimizer = make_optimizer(optimizer=functools.partial(adamw, learning_rate=1e-2), skip_nonfinite=False)
+  every = jax.jit(make_train_step(graphdef, optimizer))
+  sparse = jax.jit(make_train_step(graphdef, optimizer, norms_every=2, last_step=3))
+  state_every = state_sparse = fresh_state(params, optimizer)
+  for step in (1, 2, 3):
+    state_every, m_every = every(state_every, batch(seed=step))
+    state_sparse, m_sparse = sparse(state_sparse, batch(seed=step))
+    for name in ("grad_norm", "param_norm"):
+      if step == 1:  # neither a multiple of 2 nor the last step
+        assert np.isnan(m_sparse[name])
+      else:
+        np.testing.assert_allclose(m_sparse[name], m_every[name], rtol=1e-6)
+        assert m_every[name] > 0
+  np.testing.assert_allclose(m_sparse["loss"], m_every["loss"], rtol=1e-6)  # training itself is unchanged
+  with pytest.raises(ValueError, match="norms_every=0"):
+    make_train_step(graphdef, optimizer, norms_every=0)

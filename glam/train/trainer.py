@@ -34,7 +34,7 @@ from glam.train.metrics import MetricWriter
 from glam.train.optimizers import make_optimizer
 from glam.train.progress import Progress
 from glam.train.routing_log import append_routing, split_routing_metrics
-from glam.train.step import make_eval_step, make_train_step
+from glam.train.step import DEFAULT_LOG_EVERY, make_eval_step, make_train_step
 
 CHECKPOINT_SUBDIR = "checkpoints"
 
@@ -95,7 +95,7 @@ def check_vocab_fits(vocab_size: int, vocab) -> None:
 @gin.configurable(denylist=["model_dir"])
 def train(model_dir: str, *, num_steps: int = 1000, batch_size: int = 16, seq_len: int = 128,
           data: str = "synthetic", eval_data: str | None = "auto", vocab_path: str | None = None,
-          seed: int = 0, data_seed: int = 0, log_every: int = 10, eval_every: int = 200,
+          seed: int = 0, data_seed: int = 0, log_every: int = DEFAULT_LOG_EVERY, eval_every: int = 200,
           num_eval_batches: int = 4, grad_accum_steps: int = 1, z_loss: float = 0.0,
           model: Callable = DecoderLM, measure_peak: bool = True, progress_bar: bool = True,
           stop_after: int | None = None, init_checkpoint: str | None = None,
@@ -181,7 +181,8 @@ def train(model_dir: str, *, num_steps: int = 1000, batch_size: int = 16, seq_le
   # 4. Compile the pure steps once.
   train_step = on_mesh(mesh, jax.jit(constrain_outputs(
       make_train_step(graphdef, optimizer, seed=seed, z_loss=z_loss, grad_accum_steps=grad_accum_steps,
-                      distill=None if teacher is None else (teacher[0], distill_weight)),
+                      distill=None if teacher is None else (teacher[0], distill_weight),
+                      norms_every=log_every, last_step=num_steps),
       mesh, shardings), donate_argnums=(0,)))
   if teacher is not None:
     teacher_params, distill_step = place_teacher(*teacher, mesh), train_step
