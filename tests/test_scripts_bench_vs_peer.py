@@ -1,0 +1,41 @@
+"""scripts/bench_vs_peer.py's glam worker: times glam's step in a process of its own, honouring --gin."""
+import json
+import os
+import subprocess
+import sys
+
+import gin
+import pytest
+
+from cli_helpers import REPO
+
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+
+
+def test_glam_worker_times_the_step_of_the_shape_its_gin_bindings_give():
+  import bench_vs_peer
+  from glam import config
+  from glam.models.lm import DecoderLM
+  from glam.models.summary import abstract_model, flops_per_token
+
+  bindings = ["DecoderLM.num_blocks=1", "MoeLayer.d_ff=64"]
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "scripts/bench_vs_peer.py", "--glam_worker", "dropless", "--steps", "1",
+                         *[f"--gin={b}" for b in bindings]], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result["step_s"] > 0 and result["compile_s"] > 0 and result["peak"] > 0
+  # the FLOPs it reports are those of the peer shape with the bindings applied, not of the full shape
+  config.parse([], bench_vs_peer.SHAPE + [bench_vs_peer.DISPATCHERS["dropless"]] + bindings)
+  try:
+    expected = flops_per_token(abstract_model(DecoderLM), bench_vs_peer.SEQ_LEN)["train"]
+  finally:
+    gin.clear_config()
+  assert result["flops"] == pytest.approx(expected)
+  config.parse([], bench_vs_peer.SHAPE + [bench_vs_peer.DISPATCHERS["dropless"]])
+  try:
+    full = flops_per_token(abstract_model(DecoderLM), bench_vs_peer.SEQ_LEN)["train"]
+  finally:
+    gin.clear_config()
+  assert result["flops"] < full / 3
