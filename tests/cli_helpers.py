@@ -33,3 +33,13 @@ def popen_glam(*args) -> subprocess.Popen:
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
   return subprocess.Popen([sys.executable, "-m", "glam", *args], cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def run_script(path: str, *args) -> subprocess.CompletedProcess:
+  """Runs `python scripts/NAME ARGS` in the repo with 1 CPU device; fails the test if it exits non-zero."""
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, path, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=300)
+  if proc.returncode != 0:
+    pytest.fail(f"{path} {' '.join(args)} exited {proc.returncode}\n{proc.stderr[-3000:]}")
+  return proc

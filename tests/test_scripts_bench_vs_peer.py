@@ -1,13 +1,12 @@
 """scripts/bench_vs_peer.py's glam worker: times glam's step in a process of its own, honouring --gin."""
 import json
 import os
-import subprocess
 import sys
 
 import gin
 import pytest
 
-from cli_helpers import REPO
+from cli_helpers import REPO, run_script
 
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 
@@ -19,11 +18,8 @@ def test_glam_worker_times_the_step_of_the_shape_its_gin_bindings_give():
   from glam.models.summary import abstract_model, flops_per_token
 
   bindings = ["DecoderLM.num_blocks=1", "MoeLayer.d_ff=64"]
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "scripts/bench_vs_peer.py", "--glam_worker", "dropless", "--steps", "1",
-                         *[f"--gin={b}" for b in bindings]], cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = run_script("scripts/bench_vs_peer.py", "--glam_worker", "dropless", "--steps", "1",
+                    *[f"--gin={b}" for b in bindings])
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result["step_s"] > 0 and result["compile_s"] > 0 and result["peak"] > 0
   # the FLOPs it reports are those of the peer shape with the bindings applied, not of the full shape

@@ -1,19 +1,13 @@
 """scripts/profile_step.py end to end: XLA:CPU's per-op trace events still arrive and get grouped."""
 import json
-import os
-import subprocess
-import sys
 
-from cli_helpers import REPO
+from cli_helpers import run_script
 
 
 def test_profile_step_splits_a_traced_step_by_phase_and_kind():
   # One MoE layer with narrow experts: the peer-race shape otherwise, so it compiles in seconds.
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "scripts/profile_step.py", "--gin=DecoderLM.num_blocks=1",
-                         "--gin=MoeLayer.d_ff=64", "--warmup=1", "--steps=1", "--top=3"],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = run_script("scripts/profile_step.py", "--gin=DecoderLM.num_blocks=1", "--gin=MoeLayer.d_ff=64",
+                    "--warmup=1", "--steps=1", "--top=3")
   lines = proc.stdout.strip().splitlines()
   header = json.loads(lines[0])
   assert header["busy_ms_per_step"] > 0 and header["gin"] == ["DecoderLM.num_blocks=1", "MoeLayer.d_ff=64"]

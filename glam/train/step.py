@@ -51,7 +51,8 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, *, seed: 
   norms_every, last_step: the "grad_norm" and "param_norm" metrics are computed only by the steps
     that bring the step count to a multiple of norms_every or to last_step (the steps whose
     metrics the trainer writes) and are NaN on the others. Each norm reads every parameter or
-    gradient once more: 3-4% of a CPU step at the peer-race shape.
+    gradient once more: at the peer-race shape on a 2-core CPU, leaving them out saved about 1.5%
+    of the median step and 4.5% of the fastest.
   """
   if norms_every < 1:
     raise ValueError(f"make_train_step: norms_every={norms_every}: must be >= 1")
