@@ -33,6 +33,7 @@ from glam import config
 from glam.models.lm import DecoderLM
 from glam.models.summary import abstract_model, flops_per_token
 from glam.train.flops import measure_matmul_peak
+from glam.train.layer_layout import per_layer_layout
 from glam.train.optimizers import adamw, make_optimizer
 from glam.train.step import DEFAULT_LOG_EVERY, make_train_step
 
@@ -59,6 +60,9 @@ def build_glam_step(dispatcher: str, bindings=()):
   params = nnx.to_pure_dict(state)
   optimizer = make_optimizer(optimizer=functools.partial(adamw, learning_rate=1e-4), skip_nonfinite=False)
   train_state = {"step": np.int32(0), "params": params, "opt_state": optimizer.init(params)}
+  layout = per_layer_layout(model, optimizer, train_state)  # as `glam train` holds unrolled blocks
+  if layout is not None:
+    train_state = layout.to_per_layer(train_state)
   # As `glam train` runs it: the norm metrics only on the steps it logs (every log_every)
   step = jax.jit(make_train_step(graphdef, optimizer, norms_every=DEFAULT_LOG_EVERY), donate_argnums=(0,))
   return step, train_state, random_batch(BATCH, SEQ_LEN, VOCAB), flops_per_token(info, SEQ_LEN)["train"]

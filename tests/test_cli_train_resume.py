@@ -5,10 +5,12 @@ import signal
 import time
 
 from cli_helpers import TINY_RUN, glam, popen_glam
+from glam.train.loading import load_trained
 from glam.train.metrics import read_metrics
 
 STEPS = 120
 RUN = TINY_RUN + [f"--gin.train.num_steps={STEPS}", "--gin.Checkpointer.save_interval_steps=10"]
+UNROLLED_RUN = RUN + ["--gin.DecoderLM.scan_layers=False"]
 
 
 def losses(model_dir):
@@ -31,23 +33,30 @@ def wait_for_step(model_dir, step, proc, timeout=300):
 
 
 def test_sigkill_then_rerun_gives_bit_identical_losses(tmp_path):
+  """With unrolled blocks, whose train state the trainer holds per layer and checkpoints stacked
+  (glam/train/layer_layout.py): the resumed run splits the checkpoint again. Scanned blocks, the
+  default, resume in test_rerun_resumes_and_extends and tests/test_parallel_training.py."""
   reference = str(tmp_path / "reference")
-  glam("train", *RUN, f"--model_dir={reference}")
+  glam("train", *UNROLLED_RUN, f"--model_dir={reference}")
   expected = losses(reference)
   assert sorted(expected) == list(range(1, STEPS + 1))
 
   interrupted = str(tmp_path / "interrupted")
-  proc = popen_glam("train", *RUN, f"--model_dir={interrupted}")
+  proc = popen_glam("train", *UNROLLED_RUN, f"--model_dir={interrupted}")
   wait_for_step(interrupted, 45, proc)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   killed_at = max(losses(interrupted))
   assert killed_at < STEPS, "the run finished before it could be killed"
-  resumed = glam("train", *RUN, f"--model_dir={interrupted}")
+  resumed = glam("train", *UNROLLED_RUN, f"--model_dir={interrupted}")
   assert "resumed from" in resumed.stderr
   got = losses(interrupted)
   assert sorted(got) == list(range(1, STEPS + 1))
   assert got == expected  # exact float equality, every step, before and after the kill
+  # the checkpoint is stacked, as a scanned model's: one loads it
+  loaded = load_trained(interrupted, bindings=["DecoderLM.scan_layers = True"])
+  assert loaded.model.scan_layers and loaded.step == STEPS
+  assert loaded.model.blocks.ffn_1.wi[...].shape[0] == 2  # [blocks, d_model, d_ff]
 
 
 def test_rerun_resumes_and_extends(tmp_path):

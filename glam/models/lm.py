@@ -12,6 +12,7 @@ from glam.layers.embedding import Embed
 from glam.layers.masks import attention_mask
 from glam.layers.norms import RMSNorm
 from glam.models.blocks import Block, parse_block_spec
+from glam.models.per_layer import after_input_gradient, is_per_layer, layer_trees
 from glam.parallel.constraints import TOKENS, constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -51,7 +52,9 @@ class DecoderLM(nnx.Module):
     remat_policy: activation rematerialisation per block: "none", "full", "dots", "dots_no_batch".
     scan_layers: run the blocks with lax.scan (compile time independent of depth) or unrolled
       (faster steps on CPU: no per-layer copies in and out of the stacked parameters and
-      gradients; compile time grows with depth). The parameters are stacked either way.
+      gradients; compile time grows with depth). The parameters are stacked either way; `glam
+      train` holds unrolled blocks' train state one array per layer (glam/models/per_layer.py),
+      which this model also accepts, and checkpoints it stacked.
   """
 
   def __init__(self, *, vocab_size: int = 512, d_model: int = 512, num_blocks: int = 8,
@@ -156,10 +159,14 @@ class DecoderLM(nnx.Module):
       x, (new_cache, aux) = jax.lax.scan(one_block, x, xs)
       return x, new_cache, aux
     outputs = []
-    layer_states = unstack_layers(stacked, self.num_blocks)
+    per_layer = any(is_per_layer(a) for a in jax.tree.leaves(stacked, is_leaf=is_per_layer))
+    layer_states = layer_trees(stacked, self.num_blocks, unstack_layers)  # stacked or PerLayer (trainer)
     for layer in range(self.num_blocks):
       cache_slice = None if layer_cache is None else jax.tree.map(lambda a: a[layer], layer_cache)
-      x, out = one_block(x, (layer_states[layer], cache_slice, layer))
+      layer_state = layer_states[layer]
+      if per_layer:  # parameters of their own: updated in place once their last reader is done
+        x, layer_state = after_input_gradient(x, layer_state)
+      x, out = one_block(x, (layer_state, cache_slice, layer))
       outputs.append(out)
     new_cache, aux = jax.tree.map(lambda *a: jnp.stack(a), *outputs) if outputs else (None, {})
     return x, new_cache, aux

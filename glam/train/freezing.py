@@ -30,6 +30,7 @@ import numpy as np
 import optax
 
 from glam.config import ConfigError, check
+from glam.models.per_layer import PerLayer, is_per_layer
 from glam.models.summary import parameter_rows
 
 
@@ -98,14 +99,20 @@ def _path(key_path) -> str:
 
 
 def apply_masks(updates, masks: dict):
-  """updates with frozen entries replaced by -0.0 (a no-op under optax.apply_updates)."""
+  """updates with frozen entries replaced by -0.0 (a no-op under optax.apply_updates). A PerLayer
+  node (unrolled blocks' per-layer train state) takes its stacked parameter's mask, layer by layer."""
+  def masked(update, mask):
+    zero = jnp.array(-0.0, update.dtype)
+    return jnp.full_like(update, zero) if mask is True else jnp.where(mask, zero, update)
+
   def one(key_path, update):
     mask = masks.get(_path(key_path))
     if mask is None:
       return update
-    zero = jnp.array(-0.0, update.dtype)
-    return jnp.full_like(update, zero) if mask is True else jnp.where(mask, zero, update)
-  return jax.tree_util.tree_map_with_path(one, updates)
+    if is_per_layer(update):  # the mask's leading (layers) axis has size 1: every layer alike
+      return PerLayer(masked(part, mask if mask is True else mask[0]) for part in update.slices)
+    return masked(update, mask)
+  return jax.tree_util.tree_map_with_path(one, updates, is_leaf=is_per_layer)
 
 
 def freeze_updates(optimizer: optax.GradientTransformation, model,

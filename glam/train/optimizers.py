@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from glam.config import check
+from glam.models.per_layer import PerLayer, is_per_layer
 from glam.train.schedules import constant_then_rsqrt
 
 
@@ -103,15 +104,54 @@ def adafactor(learning_rate: float | optax.Schedule | None = None, decay_rate: f
       epsilon=epsilon1,
       decay_rate_fn=lambda count, rate: capped_decay_rate(count, rate, beta2_cap))]
   if clipping_threshold is not None:
-    parts.append(optax.clip_by_block_rms(clipping_threshold))
+    parts.append(clip_by_block_rms(clipping_threshold))
   if beta1:
     parts.append(optax.ema(beta1, debias=False))  # Adafactor's momentum has no bias correction
   if multiply_by_parameter_scale:
-    parts.append(optax.scale_by_param_block_rms(1e-3))
+    parts.append(scale_by_param_block_rms(1e-3))
   if weight_decay:
     parts.append(optax.add_decayed_weights(weight_decay))
   parts.append(scale_by_learning_rate(learning_rate))
   return optax.chain(*parts)
+
+
+def _block_rms(block) -> jax.Array:
+  """RMS of one parameter's array, or of all the arrays of a PerLayer node together."""
+  parts = block.slices if is_per_layer(block) else (block,)
+  total = sum(jnp.sum(jnp.square(part)) for part in parts)
+  return jnp.sqrt(total / sum(part.size for part in parts))
+
+
+def clip_by_block_rms(threshold: float) -> optax.GradientTransformation:
+  """optax.clip_by_block_rms, where the arrays of a PerLayer node (unrolled blocks' per-layer train
+  state, glam/models/per_layer.py) are one block, as their stacked array is, so that both layouts
+  train alike."""
+
+  def update(updates, state, params=None):
+    def clip(block):
+      if not is_per_layer(block):
+        return optax.clip_by_block_rms(threshold).update(block, None)[0]
+      denominator = jnp.maximum(1.0, _block_rms(block) / threshold)
+      return PerLayer(part / denominator for part in block.slices)
+
+    return jax.tree.map(clip, updates, is_leaf=is_per_layer), state
+
+  return optax.GradientTransformation(optax.init_empty_state, update)
+
+
+def scale_by_param_block_rms(min_scale: float) -> optax.GradientTransformation:
+  """optax.scale_by_param_block_rms, with a PerLayer node's arrays as one block (as above)."""
+
+  def update(updates, state, params):
+    def scale(block, param):
+      if not is_per_layer(block):
+        return optax.scale_by_param_block_rms(min_scale).update(block, None, param)[0]
+      factor = jnp.maximum(_block_rms(param), min_scale)
+      return PerLayer(part * factor for part in block.slices)
+
+    return jax.tree.map(scale, updates, params, is_leaf=is_per_layer), state
+
+  return optax.GradientTransformation(optax.init_empty_state, update)
 
 
 @gin.configurable

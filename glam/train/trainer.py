@@ -23,6 +23,7 @@ from glam.models.lm import DecoderLM
 from glam.models.summary import abstract_model, count_parameters, flops_per_token
 from glam.train.checkpoint import Checkpointer
 from glam.train.init_checkpoint import init_from_checkpoint
+from glam.train.layer_layout import per_layer_layout
 from glam.parallel.distributed import gather_process_states
 from glam.parallel.mesh import check_batch_divides, make_mesh
 from glam.parallel.sharding import abstract_with_shardings
@@ -178,12 +179,19 @@ def train(model_dir: str, *, num_steps: int = 1000, batch_size: int = 16, seq_le
   # Lifelong-MoE: the frozen previous-stage model, an input of every step (never updated).
   teacher = load_teacher(distill_from, model_info.vocab_size) if distill_from else None
 
+  # Unrolled blocks train with one array per layer; checkpoints stay stacked (glam/models/per_layer.py).
+  layout = per_layer_layout(model_info, optimizer, state, shardings)
+  step_shardings, to_checkpoint = shardings, lambda state: state
+  if layout is not None:
+    state = on_mesh(mesh, layout.to_per_layer)(state)
+    step_shardings, to_checkpoint = layout.shardings, layout.to_stacked
+
   # 4. Compile the pure steps once.
   train_step = on_mesh(mesh, jax.jit(constrain_outputs(
       make_train_step(graphdef, optimizer, seed=seed, z_loss=z_loss, grad_accum_steps=grad_accum_steps,
                       distill=None if teacher is None else (teacher[0], distill_weight),
                       norms_every=log_every, last_step=num_steps),
-      mesh, shardings), donate_argnums=(0,)))
+      mesh, step_shardings), donate_argnums=(0,)))
   if teacher is not None:
     teacher_params, distill_step = place_teacher(*teacher, mesh), train_step
     train_step = lambda state, batch: distill_step(state, batch, teacher_params)
@@ -231,7 +239,9 @@ def train(model_dir: str, *, num_steps: int = 1000, batch_size: int = 16, seq_le
         progress.write(f"step {step}: eval loss {eval_results['loss']:.4f}")
       stopping = bool(stop) or (stop_after is not None and step - start_step >= stop_after)
       if checkpointer.should_save(step) or step == num_steps or stopping:
-        checkpointer.save(step, state, gather_process_states(data_state_key(process_index), pipeline.state()), config_text, force=True, metadata=metadata)
+        checkpointer.save(step, on_mesh(mesh, to_checkpoint)(state),
+                          gather_process_states(data_state_key(process_index), pipeline.state()), config_text,
+                          force=True, metadata=metadata)
       if stopping:
         break
   progress.close()
