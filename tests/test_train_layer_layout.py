@@ -85,12 +85,13 @@ def test_scanned_blocks_keep_the_stacked_layout():
 
 
 def test_training_per_layer_equals_training_stacked(unrolled):
-  """Adafactor (glam's default) sees each layer's arrays as one block, as the stacked array is."""
+  """Adafactor (glam's default) sees each layer's arrays as one block, as the stacked array is;
+  gradient accumulation and freezing work on per-layer arrays too."""
   graphdef, params, model = unrolled
   optimizer = freeze_updates(make_optimizer(OPTIMIZERS["adafactor"]), model, FreezeSpec((), first_experts=1))
   state = {"step": jnp.int32(0), "params": params, "opt_state": optimizer.init(params)}
   layout = per_layer_layout(model, optimizer, state)
-  step = jax.jit(make_train_step(graphdef, optimizer))
+  step = jax.jit(make_train_step(graphdef, optimizer, grad_accum_steps=2))  # accumulation carries PerLayer nodes
   stacked, split = copy(state), layout.to_per_layer(copy(state))
   for seed in range(2):
     stacked, stacked_metrics = step(stacked, batch(seed))
