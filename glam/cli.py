@@ -9,7 +9,9 @@
   glam experts grow --from=RUN --to=DIR --add=N      Lifelong-MoE growth; `experts upcycle`: dense -> MoE
   glam demo                                          a small model on the built-in corpus, end to end
 
-Environment: GLAM_RETAIN_HOST_MEMORY=1 keeps freed host memory in the process, so long CPU runs stop
+Environment: the command restarts itself once so that glibc's malloc uses transparent huge pages
+(9-17% faster CPU steps; GLAM_HUGE_PAGES=0 turns it off; glam/train/huge_pages.py).
+GLAM_RETAIN_HOST_MEMORY=1 keeps freed host memory in the process, so long CPU runs stop
 page-faulting XLA's per-step temporaries (slower compiles; see README, "The glam command").
 """
 import argparse
@@ -226,7 +228,14 @@ def run_demo(args, bindings) -> int:
 
 def main(argv: list[str] | None = None) -> int:
   from glam.train.host_memory import retain_freed_host_memory
-  retain_freed_host_memory()  # if GLAM_RETAIN_HOST_MEMORY=1; before XLA starts its threads
+  from glam.train.huge_pages import reexec_with_huge_pages
+  try:
+    if argv is None:  # run as the command, not called from Python: restart with huge-page malloc
+      reexec_with_huge_pages()
+    retain_freed_host_memory()  # if GLAM_RETAIN_HOST_MEMORY=1; before XLA starts its threads
+  except ValueError as error:  # a bad environment variable
+    print(f"glam: error: {error}", file=sys.stderr)
+    return 2
   argv = sys.argv[1:] if argv is None else argv
   rest, bindings = split_gin_overrides(argv)
   parser = build_parser()
