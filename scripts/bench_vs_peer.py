@@ -15,7 +15,8 @@ more from other jobs than XLA's do: each round prints its own ratio and the 1-mi
 and a fair ratio needs a round where the peer ran at its idle speed (about 1.2-1.4 s a step here).
 
 glam runs as the `glam` command does, with malloc on transparent huge pages (glam/train/huge_pages.py).
-Each round runs the peer twice, without and with that same glibc tunable, and the faster counts.
+Each round runs the peer without and with that same glibc tunable (and, with GLAM_RETAIN_HOST_MEMORY=1,
+once more with the equivalent of glam's retention), and its fastest counts.
 """
 import argparse
 import functools
@@ -72,14 +73,24 @@ def build_glam_step(dispatcher: str, bindings=()):
   return step, train_state, random_batch(BATCH, SEQ_LEN, VOCAB), flops_per_token(info, SEQ_LEN)["train"]
 
 
+# GLAM_RETAIN_HOST_MEMORY=1's mallopt calls (glam/train/host_memory.py) as glibc tunables
+RETAIN_TUNABLES = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647"
+
+
 def peer_environments() -> dict[str, dict]:
-  """The peer runs both without and with glam's malloc setting (glam/train/huge_pages.py), and the
-  faster counts: glam's setting is glam's, but the comparison must not rest on denying it to PyTorch."""
+  """The peer runs without and with glam's malloc settings (glam/train/huge_pages.py, and
+  host_memory.py when glam retains memory), and its fastest counts: the settings are glam's, but the
+  comparison must not rest on denying them to PyTorch."""
   plain = dict(os.environ)
   tunables = [t for t in plain.pop("GLIBC_TUNABLES", "").split(":") if t and t != huge_pages.TUNABLE]
   if tunables:
     plain["GLIBC_TUNABLES"] = ":".join(tunables)
-  return {"plain": plain, "huge_pages": huge_pages.environment_with_huge_pages(plain) or plain}
+  with_huge_pages = huge_pages.environment_with_huge_pages(plain) or plain
+  environments = {"plain": plain, "huge_pages": with_huge_pages}
+  if HOST_MEMORY_RETAINED:  # and what GLAM_RETAIN_HOST_MEMORY=1 does to glam's malloc, as tunables
+    environments["retained"] = {**with_huge_pages,
+                                "GLIBC_TUNABLES": f"{with_huge_pages['GLIBC_TUNABLES']}:{RETAIN_TUNABLES}"}
+  return environments
 
 
 def run_peer(args, environ: dict) -> tuple[float, str]:
