@@ -25,7 +25,6 @@ from glam.moe.routers import ExpertChoiceRouter
 from glam.train.host_memory import retain_freed_host_memory
 from glam.train.huge_pages import reexec_with_huge_pages
 
-reexec_with_huge_pages()  # as `glam` does (GLAM_HUGE_PAGES=0 turns it off)
 retain_freed_host_memory()  # as `glam` does, before any JAX computation
 
 SIZES = [  # tokens, d_model, experts, expert hidden, tokens per group
@@ -97,4 +96,5 @@ def main():
 
 
 if __name__ == "__main__":
+  reexec_with_huge_pages()  # as `glam` does: malloc on huge pages unless GLAM_HUGE_PAGES=0
   main()

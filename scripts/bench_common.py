@@ -7,12 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from glam.train.host_memory import retain_freed_host_memory
-from glam.train.huge_pages import reexec_with_huge_pages
 
-# As `glam` does: restarts with malloc on transparent huge pages unless GLAM_HUGE_PAGES=0
-# (glam/train/huge_pages.py), and honours GLAM_RETAIN_HOST_MEMORY=1 (glam/train/host_memory.py).
-# This runs before any JAX computation, since the benchmarks import this module first.
-reexec_with_huge_pages()
+# As `glam` does: honours GLAM_RETAIN_HOST_MEMORY=1 (glam/train/host_memory.py). This runs before
+# any JAX computation, since the benchmarks import this module first. (The scripts restart with
+# huge-page malloc in their `__main__` blocks, not here: importing this module, as tests do, must
+# not replace the importing process.)
 HOST_MEMORY_RETAINED = retain_freed_host_memory()
 
 

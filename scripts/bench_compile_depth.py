@@ -19,6 +19,7 @@ from glam import config
 from glam.models.lm import DecoderLM
 from glam.train.optimizers import adafactor, make_optimizer
 from glam.train.step import make_train_step
+from glam.train.huge_pages import reexec_with_huge_pages
 
 
 def compile_seconds(num_blocks: int, scan: bool) -> float:
@@ -48,4 +49,5 @@ def main():
 
 
 if __name__ == "__main__":
+  reexec_with_huge_pages()  # as `glam` does: malloc on huge pages unless GLAM_HUGE_PAGES=0
   main()

@@ -21,6 +21,7 @@ import time
 import bench_common  # noqa: F401  (applies GLAM_RETAIN_HOST_MEMORY before JAX starts)
 import jax
 import jax.numpy as jnp
+from glam.train.huge_pages import reexec_with_huge_pages
 
 EXPERTS, ROWS, D_MODEL, D_FF = 8, 512, 512, 1024
 
@@ -77,4 +78,5 @@ def main():
 
 
 if __name__ == "__main__":
+  reexec_with_huge_pages()  # as `glam` does: malloc on huge pages unless GLAM_HUGE_PAGES=0
   main()

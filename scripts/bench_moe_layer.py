@@ -27,7 +27,6 @@ from glam.moe.routers import TokenChoiceRouting
 from glam.train.host_memory import retain_freed_host_memory
 from glam.train.huge_pages import reexec_with_huge_pages
 
-reexec_with_huge_pages()  # as `glam` does (GLAM_HUGE_PAGES=0 turns it off)
 retain_freed_host_memory()  # as `glam` does (GLAM_RETAIN_HOST_MEMORY=1), before any JAX computation
 
 SIZES = [  # tokens, d_model, experts, k, expert hidden, tokens per group
@@ -163,4 +162,5 @@ def main():
 
 
 if __name__ == "__main__":
+  reexec_with_huge_pages()  # as `glam` does: malloc on huge pages unless GLAM_HUGE_PAGES=0
   main()

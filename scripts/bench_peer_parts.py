@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from glam.layers.attention import attend_causal_blocks
+from glam.train.huge_pages import reexec_with_huge_pages
 
 PARAMS = 62_935_552  # the peer-race model's parameter count (glam and the peer agree)
 E, C, M, F, B, H, L, D, V = 8, 512, 512, 1024, 8, 8, 256, 64, 8192
@@ -145,4 +146,5 @@ def main():
 
 
 if __name__ == "__main__":
+  reexec_with_huge_pages()  # as `glam` does: malloc on huge pages unless GLAM_HUGE_PAGES=0
   main()

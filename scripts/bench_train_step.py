@@ -21,6 +21,7 @@ from glam import config
 from glam.models.lm import DecoderLM
 from glam.models.summary import abstract_model, count_parameters, flops_per_token
 from glam.train.flops import measure_matmul_peak
+from glam.train.huge_pages import reexec_with_huge_pages
 from glam.train.optimizers import adafactor, make_optimizer
 from glam.train.step import DEFAULT_LOG_EVERY, make_train_step
 
@@ -68,4 +69,5 @@ def main():
 
 
 if __name__ == "__main__":
+  reexec_with_huge_pages()  # as `glam` does: malloc on huge pages unless GLAM_HUGE_PAGES=0
   main()

@@ -167,4 +167,5 @@ def main():
 
 
 if __name__ == "__main__":
+  huge_pages.reexec_with_huge_pages()  # as `glam` does: malloc on huge pages unless GLAM_HUGE_PAGES=0
   main()

@@ -26,6 +26,7 @@ import jax  # noqa: E402
 
 from bench_vs_peer import DISPATCHERS, build_glam_step  # noqa: E402
 from glam.report.op_profile import summarize  # noqa: E402
+from glam.train.huge_pages import reexec_with_huge_pages  # noqa: E402
 
 
 def main():
@@ -61,4 +62,5 @@ def main():
 
 
 if __name__ == "__main__":
+  reexec_with_huge_pages()  # as `glam` does: malloc on huge pages unless GLAM_HUGE_PAGES=0
   main()

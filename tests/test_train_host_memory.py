@@ -30,7 +30,7 @@ ACTIVATION_PAGES = 4096 * 2048 * 4 // 4096
 
 
 def probe(setting: str | None) -> dict:
-  env = {k: v for k, v in os.environ.items() if k != "GLAM_RETAIN_HOST_MEMORY"}
+  env = {k: v for k, v in os.environ.items() if k not in ("GLAM_RETAIN_HOST_MEMORY", "GLIBC_TUNABLES")}
   env["XLA_FLAGS"] = ""  # one device, as a plain run
   if setting is not None:
     env["GLAM_RETAIN_HOST_MEMORY"] = setting

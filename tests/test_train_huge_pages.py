@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from cli_helpers import REPO
 from glam.train import huge_pages
 
 USABLE = huge_pages.glibc_has_hugetlb_tunable() and huge_pages.transparent_huge_page_mode() == "madvise"
@@ -66,6 +67,15 @@ def test_kernel_mode_parsing(tmp_path):
   setting.write_text("[always] madvise never\n")
   assert huge_pages.transparent_huge_page_mode(str(setting)) == "always"
   assert huge_pages.transparent_huge_page_mode(str(tmp_path / "missing")) is None
+
+
+def test_importing_a_benchmark_leaves_the_importer_alone():
+  # The scripts restart in their __main__ blocks only: a test importing one must not be replaced
+  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "GLAM_HUGE_PAGES")}
+  code = "import os, sys; sys.path.insert(0, 'scripts'); import bench_vs_peer; print(os.environ.get('GLIBC_TUNABLES'))"
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip().splitlines()[-1] == "None"
 
 
 def test_bad_setting_names_the_variable():
