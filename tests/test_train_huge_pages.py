@@ -69,6 +69,14 @@ def test_kernel_mode_parsing(tmp_path):
   assert huge_pages.transparent_huge_page_mode(str(tmp_path / "missing")) is None
 
 
+def test_glibc_version_check(monkeypatch):
+  monkeypatch.setattr(huge_pages.platform, "system", lambda: "Linux")
+  for libc, expected in ((("glibc", "2.36"), True), (("glibc", "2.34"), False), (("glibc", ""), False),
+                         (("musl", "1.2"), False)):
+    monkeypatch.setattr(huge_pages.platform, "libc_ver", lambda libc=libc: libc)
+    assert huge_pages.glibc_has_hugetlb_tunable() is expected, libc
+
+
 def test_importing_a_benchmark_leaves_the_importer_alone():
   # The scripts restart in their __main__ blocks only: a test importing one must not be replaced
   env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "GLAM_HUGE_PAGES")}

@@ -12,9 +12,9 @@ step compiled in 7.4 s instead of 5.0 s. That pays off only for runs of hundreds
 tests or the demo. Also, memory the process frees is not returned to the system until it exits.
 
 Since `glam` runs malloc on transparent huge pages by default (huge_pages.py), which already
-cuts those faults 100-fold, what retention adds on top was within the machine's noise (0-7% on the
-race step, 2026-11-25). Turn it on with the environment variable GLAM_RETAIN_HOST_MEMORY=1. `glam` applies it first
-thing, before XLA starts its thread pools (a thread keeps the arena it first allocated from);
+cuts those faults 100-fold, what retention adds on top was within the machine's noise (from 2%
+slower to 8% faster on the race step, 2026-11-25). Turn it on with the environment variable
+GLAM_RETAIN_HOST_MEMORY=1. `glam` applies it first thing, before XLA starts its thread pools (a thread keeps the arena it first allocated from);
 the benchmarks in scripts/ do the same.
 """
 import ctypes

@@ -46,7 +46,10 @@ def glibc_has_hugetlb_tunable() -> bool:
   library, version = platform.libc_ver()
   if platform.system() != "Linux" or library != "glibc":
     return False
-  major, minor = (int(part) for part in version.split(".")[:2])
+  try:
+    major, minor = (int(part) for part in version.split(".")[:2])
+  except ValueError:  # no version reported (or an odd one): do not guess
+    return False
   return (major, minor) >= (2, 35)
 
 
