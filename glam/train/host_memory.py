@@ -4,8 +4,10 @@ Why: XLA:CPU allocates each execution's temporaries as one block (about 1 GB for
 step in scripts/bench_vs_peer.py) and frees it when the step ends. glibc serves a block that large
 with a fresh mmap and returns it to the kernel on free, so every step the kernel zero-fills some
 250,000 new 4 KiB pages: measured here, 0.4 s of system time in a 1.7 s step. With one malloc
-arena, no mmap and no trimming, glibc hands the same pages back each step: no faults, and the
-step took about 4% less wall time.
+arena, no mmap and no trimming, glibc hands the same pages back each step, and the step took
+about 4% less wall time. The heap still grows now and then until it fits the step's layout of
+allocations (the step that grows it varies from run to run, sometimes the tenth); after that a
+step faults in nothing.
 
 Why opt-in: with a single arena, XLA's compiler threads contend for the malloc lock, and that
 step compiled in 7.4 s instead of 5.0 s. That pays off only for runs of hundreds of steps, not for
