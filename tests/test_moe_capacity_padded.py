@@ -61,16 +61,18 @@ def test_padded_rows_fill_slots_then_overflow_sorted_by_expert():
   np.testing.assert_array_equal(row_assignment, [2, 0, 1, 4, 3, 6, 6])  # 6 = none
 
 
-@pytest.mark.parametrize("k,prioritized,factor", [(2, False, 1.3), (2, True, 1.3), (1, True, 0.5)])
-def test_gather_equals_einsum_with_drops_forward_and_gradients(k, prioritized, factor):
-  # factor 1.3: experts keep more than their balanced share (overflow pass) and expert 0 drops;
+@pytest.mark.parametrize("k,prioritized,factor,slack", [(2, False, 1.3, 1.0), (2, True, 1.3, 1.0625),
+                                                       (1, True, 0.5, 1.0625)])
+def test_gather_equals_einsum_with_drops_forward_and_gradients(k, prioritized, factor, slack):
+  # factor 1.3: experts keep more than their padded slots (overflow pass) and expert 0 drops;
   # factor 0.5: the capacity is below the balanced share (no overflow rows), many drops.
+  # slack (padded_capacity_factor) moves rows between the slots and the overflow pass only.
   experts = Experts(D_MODEL, EXPERTS, d_ff=16, activation="swiglu", rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), (GROUPS, TOKENS, D_MODEL))
   routing = skewed_routing(k, prioritized)
   want = forward_and_grads(CapacityEinsum(factor, factor, 1, implementation="einsum"), experts, x, routing)
-  got = forward_and_grads(CapacityEinsum(factor, factor, 1, implementation="gather", overflow_chunk=3),
-                          experts, x, routing)
+  got = forward_and_grads(CapacityEinsum(factor, factor, 1, implementation="gather", overflow_chunk=3,
+                                         padded_capacity_factor=slack), experts, x, routing)
   assert float(want[1]["dropped_fraction"]) > 0.05  # the comparison covers drops
   assert_same(got, want)
 

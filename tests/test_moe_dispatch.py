@@ -61,6 +61,8 @@ def test_capacity_multiplies_by_k_with_a_floor_and_a_cap():
 def test_capacity_rejects_bad_bindings():
   with pytest.raises(ValueError, match="CapacityEinsum.capacity_factor=0"):
     CapacityEinsum(capacity_factor=0)
+  with pytest.raises(ValueError, match="CapacityEinsum.padded_capacity_factor=0"):
+    CapacityEinsum(padded_capacity_factor=0)
   with pytest.raises(ValueError, match="CapacityEinsum.implementation='dense'"):
     CapacityEinsum(implementation="dense")
   with pytest.raises(ValueError, match="Dropless.implementation='fast'"):

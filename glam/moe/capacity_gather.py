@@ -5,6 +5,8 @@ the experts compute what is kept and not the empty slots. gather_every_slot (gro
 split over devices, or expert dropout in training): every [experts, groups * capacity] slot, as
 the einsums lay them out.
 """
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -38,10 +40,10 @@ def gather_every_slot(x, routing, experts, ctx, capacity: int):
   return y, keep, kept_per_expert
 
 
-def gather_padded(x, routing, experts, ctx, capacity: int, overflow_chunk: int):
+def gather_padded(x, routing, experts, ctx, capacity: int, overflow_chunk: int, padded_capacity_factor: float):
   """The padded layout of Dropless "padded" for the kept assignments: each expert runs its first
-  `slots` (its perfectly balanced load, over all groups) in one batched einsum and the rest of
-  what it keeps chunk by chunk, so empty slots cost nothing. Same result as the einsums."""
+  `slots` (padded_capacity_factor times its perfectly balanced load, over all groups) in one batched
+  einsum and the rest of what it keeps chunk by chunk. Same result as the einsums."""
   groups, tokens, d_model = x.shape
   num_experts, k = experts.num_experts, routing.expert_index.shape[-1]
   assignments = groups * tokens * k
@@ -52,7 +54,7 @@ def gather_padded(x, routing, experts, ctx, capacity: int, overflow_chunk: int):
   rank = position + jnp.take_along_axis(earlier_groups, routing.expert_index.reshape(groups, tokens * k),
                                         axis=1).reshape(position.shape)  # [groups, tokens, k] within the expert
   kept_sizes = jnp.sum(kept_by_group, axis=0)  # [experts]
-  slots = min(groups * capacity, -(-assignments // num_experts))  # more padding costs more than the overflow
+  slots = min(groups * capacity, max(1, math.ceil(padded_capacity_factor * assignments / num_experts)))
   overflow_rows = max(0, min(assignments - slots, num_experts * (groups * capacity - slots)))
   row_assignment, assignment_row, overflow_sizes = padded_rows(
       routing.expert_index.reshape(assignments), rank.reshape(assignments), keep.reshape(assignments),

@@ -56,14 +56,17 @@ class CapacityEinsum:
     implementation: "einsum" (the one-hot dispatch/combine einsums, which GSPMD turns into
       all-to-alls), "gather" (index gathers, without the einsums' groups*tokens*experts*capacity*
       d_model FLOPs, into the padded layout of Dropless "padded": each expert's kept assignments
-      fill its balanced share of slots, the few past it run chunk by chunk, so the experts compute
-      the kept assignments and not the empty slots; on CPU at 2048 tokens, d_model 512, 8 experts,
-      top-2 the layer's forward+backward is 1.25-1.3x a dense FFN's, against 2.0-2.2x for einsum),
-      or "auto" (einsum on GPU/TPU, gather elsewhere).
+      fill its slots (a little over its balanced share), the few past them run chunk by chunk, so
+      the experts compute the kept assignments and few empty slots; on CPU at 2048 tokens, d_model
+      512, 8 experts, top-2 the layer's forward+backward is 1.2x a dense FFN's, against 2.0-2.2x for
+      einsum), or "auto" (einsum on GPU/TPU, gather elsewhere).
       All give the same result. With groups or experts split over devices, or expert dropout in
       training, "gather" runs every [experts, groups * capacity] slot as the einsums do.
     overflow_chunk: rows per step of the gather placement's pass over the assignments past an
-      expert's balanced share (see glam/moe/chunked_ffn.py).
+      expert's slots in the padded layout (see glam/moe/chunked_ffn.py).
+    padded_capacity_factor: slots per expert in the gather placement's padded layout, as a multiple
+      of the perfectly balanced load (at most the capacity); see Dropless.padded_capacity_factor
+      for why the default has slack.
   """
 
   capacity_factor: float = 1.25
@@ -71,9 +74,10 @@ class CapacityEinsum:
   min_capacity: int = 4
   implementation: str = "auto"
   overflow_chunk: int = 32
+  padded_capacity_factor: float = 1.0625
 
   def __post_init__(self):
-    for name in ("capacity_factor", "eval_capacity_factor"):
+    for name in ("capacity_factor", "eval_capacity_factor", "padded_capacity_factor"):
       if not getattr(self, name) > 0:
         raise ValueError(f"CapacityEinsum.{name}={getattr(self, name)}: must be > 0")
     if self.min_capacity < 1:
@@ -117,7 +121,8 @@ class CapacityEinsum:
     elif self._every_slot(experts, ctx):
       y, keep, kept_per_expert = gather_every_slot(x, routing, experts, ctx, capacity)
     else:
-      y, keep, kept_per_expert = gather_padded(x, routing, experts, ctx, capacity, self.overflow_chunk)
+      y, keep, kept_per_expert = gather_padded(x, routing, experts, ctx, capacity, self.overflow_chunk,
+                                               self.padded_capacity_factor)
     active = routing.gates > 0
     dropped = 1.0 - jnp.sum(keep) / jnp.maximum(jnp.sum(active), 1)
     return y, {"dropped_fraction": dropped.astype(jnp.float32), "expert_load": _expert_load(kept_per_expert)}
@@ -218,13 +223,20 @@ class Dropless:
     block_size: rows per full chunk of the blocked grouped matmul (tails use eighths of it).
     padded_capacity_factor: slots per expert in the padded layout, as a multiple of the perfectly
       balanced load (1.0: no padding at perfect balance; larger: fewer overflow rows, more padding).
+      DECISION: 1.0625 by default. Each expert with overflow rows costs its own pass: its weights
+      are copied out and streamed through matmuls of a few rows, forward and backward, about 5 ms
+      at d_model 512 / d_ff 1024 on the 2-core CPU, as much as 3-4% more slots for every expert.
+      So slack that absorbs an ordinary imbalance is cheaper: with a random router's top-2 at 2048
+      tokens, 8 experts (the busiest takes 1.05x its share) the layer went from 1.28-1.35x an
+      equal-FLOP dense FFN at 1.0 to 1.18-1.24x, and top-1 (1.09x) from 1.45-1.50x to 1.31-1.35x;
+      1.125 was no better (scripts/bench_moe_layer.py, 2026-11-25).
     overflow_chunk: rows per step of the padded layout's overflow pass (each step runs a whole
       expert FFN on that many rows; see glam/moe/chunked_ffn.py).
   """
 
   implementation: str = "auto"
   block_size: int = 256
-  padded_capacity_factor: float = 1.0
+  padded_capacity_factor: float = 1.0625
   overflow_chunk: int = 32
 
   def __post_init__(self):
