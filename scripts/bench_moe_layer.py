@@ -10,9 +10,15 @@ glam_feedforward_ms). Runs are interleaved (dense, then each dispatcher, in turn
 machine slows all of them alike; cpu_time_ratio is the same ratio of process CPU seconds. The routing is fixed (a random softmax router's top-k), so only
 dispatch and experts are compared. One JSON line per (size, dispatcher); ragged_dot (a CPU
 fallback doing num_experts times the work) only for sizes with at most 8 experts.
+
+Each (size, dispatcher) runs in a process of its own, beside its own dense baseline, as a training
+run holds one step: steps of other shapes in the same process moved the ratios by up to 0.1
+(2026-11-25, glibc malloc with huge pages). --in_process times them all in this process instead.
 """
 import argparse
 import json
+import subprocess
+import sys
 import time
 
 import jax
@@ -116,6 +122,11 @@ def interleaved_minimums(steps: dict, x, reps: int) -> tuple[dict, dict]:
   return {name: min(t) for name, t in wall.items()}, {name: min(t) for name, t in cpu.items()}
 
 
+def dispatcher_names(size: dict, only_dispatchers=None) -> list[str]:
+  names = [n for n in DISPATCHERS if n != "dropless_ragged_dot" or size["experts"] <= RAGGED_DOT_MAX_EXPERTS]
+  return [n for n in names if only_dispatchers is None or n in only_dispatchers]
+
+
 def bench(size: dict, reps: int, only_dispatchers=None) -> list[dict]:
   tokens, d_model, num_experts, k, hidden = (size[n] for n in ("tokens", "d_model", "experts", "k", "hidden"))
   x = jax.random.normal(jax.random.key(0), (tokens // size["group"], size["group"], d_model))
@@ -123,8 +134,7 @@ def bench(size: dict, reps: int, only_dispatchers=None) -> list[dict]:
   routing = fixed_routing(x, num_experts, k)
   ffn = FeedForward(d_model, d_ff=k * hidden, activation="swiglu", rngs=nnx.Rngs(0))
   steps = {"dense": dense_step(ffn), "feedforward": feedforward_step(ffn)}
-  names = [n for n in DISPATCHERS if n != "dropless_ragged_dot" or num_experts <= RAGGED_DOT_MAX_EXPERTS]
-  names = [n for n in names if only_dispatchers is None or n in only_dispatchers]
+  names = dispatcher_names(size, only_dispatchers)
   for name in names:
     steps[name] = moe_step(DISPATCHERS[name][0], experts, routing)
   best, best_cpu = interleaved_minimums(steps, x, reps)
@@ -149,6 +159,8 @@ def main():
   parser.add_argument("--only", type=int, default=None, help="index into SIZES")
   parser.add_argument("--dispatchers", default=None,
                       help=f"comma-separated names to time (default: all of {','.join(DISPATCHERS)})")
+  parser.add_argument("--in_process", action="store_true",
+                      help="time every dispatcher in this process (default: a process per size and dispatcher)")
   args = parser.parse_args()
   only_dispatchers = None if args.dispatchers is None else args.dispatchers.split(",")
   for name in only_dispatchers or ():
@@ -157,8 +169,13 @@ def main():
   for i, size in enumerate(SIZES):
     if args.only is not None and i != args.only:
       continue
-    for row in bench(size, args.reps, only_dispatchers):
-      print(json.dumps(row), flush=True)
+    if args.in_process:
+      for row in bench(size, args.reps, only_dispatchers):
+        print(json.dumps(row), flush=True)
+      continue
+    for name in dispatcher_names(size, only_dispatchers):
+      subprocess.run([sys.executable, __file__, "--in_process", "--only", str(i), "--dispatchers", name,
+                      "--reps", str(args.reps)], check=True)  # its JSON line goes straight to our stdout
 
 
 if __name__ == "__main__":
