@@ -58,7 +58,7 @@ class CapacityEinsum:
       d_model FLOPs, into the padded layout of Dropless "padded": each expert's kept assignments
       fill its slots (a little over its balanced share), the few past them run chunk by chunk, so
       the experts compute the kept assignments and few empty slots; on CPU at 2048 tokens, d_model
-      512, 8 experts, top-2 the layer's forward+backward is 1.2x a dense FFN's, against 2.0-2.2x for
+      512, 8 experts, top-2 the layer's forward+backward is 1.15-1.26x a dense FFN's, against 2.0-2.4x for
       einsum), or "auto" (einsum on GPU/TPU, gather elsewhere).
       All give the same result. With groups or experts split over devices, or expert dropout in
       training, "gather" runs every [experts, groups * capacity] slot as the einsums do.
