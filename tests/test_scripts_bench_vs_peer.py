@@ -35,3 +35,20 @@ def test_glam_worker_times_the_step_of_the_shape_its_gin_bindings_give():
   finally:
     gin.clear_config()
   assert result["flops"] < full / 3
+
+
+def test_the_peer_runs_plain_and_under_glams_malloc_settings(monkeypatch):
+  import bench_vs_peer
+  # glam's own restart added the huge-page tunable after a user's tunable: "plain" drops only ours
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.tcache_count=0:glibc.malloc.hugetlb=1")
+  monkeypatch.setattr(bench_vs_peer, "HOST_MEMORY_RETAINED", False)
+  environments = bench_vs_peer.peer_environments()
+  assert set(environments) == {"plain", "huge_pages"}
+  assert environments["plain"]["GLIBC_TUNABLES"] == "glibc.malloc.tcache_count=0"
+  assert environments["huge_pages"]["GLIBC_TUNABLES"] == "glibc.malloc.tcache_count=0:glibc.malloc.hugetlb=1"
+  # with glam retaining host memory the peer also gets the same mallopt settings, as tunables
+  monkeypatch.setattr(bench_vs_peer, "HOST_MEMORY_RETAINED", True)
+  monkeypatch.delenv("GLIBC_TUNABLES")
+  retained = bench_vs_peer.peer_environments()["retained"]["GLIBC_TUNABLES"].split(":")
+  assert retained[0] == "glibc.malloc.hugetlb=1" and "glibc.malloc.mmap_max=0" in retained
+  assert "GLIBC_TUNABLES" not in bench_vs_peer.peer_environments()["plain"]
