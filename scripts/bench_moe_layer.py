@@ -1,6 +1,6 @@
 """MoE dispatch + experts against a dense FFN of the same activated FLOPs, forward + backward.
 
-  python scripts/bench_moe_layer.py [--reps 7] [--only 0] [--dispatchers capacity_1.25,dropless_padded]
+  python scripts/bench_moe_layer.py [--reps 7] [--only 0] [--dispatchers capacity_1.25,dropless_padded] [--size test]
 
 For each size and dispatcher: the minimum time of one jitted forward+backward (gradients wrt the
 expert weights, the input and the gates) divided by that of a dense SwiGLU FFN with hidden width
@@ -39,6 +39,9 @@ SIZES = [  # tokens, d_model, experts, k, expert hidden, tokens per group
     dict(tokens=2048, d_model=512, experts=8, k=2, hidden=1024, group=1024),  # the issue's shape
     dict(tokens=2048, d_model=512, experts=8, k=1, hidden=2048, group=1024),  # Switch-style top-1
     dict(tokens=4096, d_model=256, experts=32, k=2, hidden=256, group=1024),  # many small experts
+]
+TEST_SIZES = [  # --size=test: a tiny shape for the test of this script's process-per-dispatcher loop
+    dict(tokens=64, d_model=16, experts=4, k=2, hidden=32, group=32),
 ]
 DISPATCHERS = {  # name -> (dispatcher, target ratio from the issue, note)
     "capacity_1.25": (CapacityEinsum(capacity_factor=1.25), 1.3,
@@ -153,7 +156,7 @@ def bench(size: dict, reps: int, only_dispatchers=None) -> list[dict]:
   return rows
 
 
-def main():
+def main(argv=None):
   parser = argparse.ArgumentParser()
   parser.add_argument("--reps", type=int, default=7)
   parser.add_argument("--only", type=int, default=None, help="index into SIZES")
@@ -161,12 +164,15 @@ def main():
                       help=f"comma-separated names to time (default: all of {','.join(DISPATCHERS)})")
   parser.add_argument("--in_process", action="store_true",
                       help="time every dispatcher in this process (default: a process per size and dispatcher)")
-  args = parser.parse_args()
+  parser.add_argument("--size", choices=["issue", "test"], default="issue",
+                      help="issue: the three sizes below; test: one tiny size (for the script's test)")
+  args = parser.parse_args(argv)
   only_dispatchers = None if args.dispatchers is None else args.dispatchers.split(",")
   for name in only_dispatchers or ():
     if name not in DISPATCHERS:
       parser.error(f"--dispatchers: unknown {name!r}; expected names from {list(DISPATCHERS)}")
-  for i, size in enumerate(SIZES):
+  sizes = TEST_SIZES if args.size == "test" else SIZES
+  for i, size in enumerate(sizes):
     if args.only is not None and i != args.only:
       continue
     if args.in_process:
@@ -175,7 +181,7 @@ def main():
       continue
     for name in dispatcher_names(size, only_dispatchers):
       subprocess.run([sys.executable, __file__, "--in_process", "--only", str(i), "--dispatchers", name,
-                      "--reps", str(args.reps)], check=True)  # its JSON line goes straight to our stdout
+                      "--reps", str(args.reps), "--size", args.size], check=True)  # its JSON line goes straight to our stdout
 
 
 if __name__ == "__main__":
