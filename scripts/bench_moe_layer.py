@@ -17,6 +17,7 @@ run holds one step: steps of other shapes in the same process moved the ratios b
 """
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -151,7 +152,7 @@ def bench(size: dict, reps: int, only_dispatchers=None) -> list[dict]:
                ratio=round(best[name] / best["dense"], 3),
                cpu_time_ratio=round(best_cpu[name] / best_cpu["dense"], 3),
                target=target, max_expert_load=round(float(load.max() / load.sum()), 4), note=note,
-               device=jax.devices()[0].device_kind, dtype="float32", reps=reps)
+               device=jax.devices()[0].device_kind, dtype="float32", reps=reps, pid=os.getpid())
     rows.append(row)
   return rows
 
@@ -159,13 +160,14 @@ def bench(size: dict, reps: int, only_dispatchers=None) -> list[dict]:
 def main(argv=None):
   parser = argparse.ArgumentParser()
   parser.add_argument("--reps", type=int, default=7)
-  parser.add_argument("--only", type=int, default=None, help="index into SIZES")
+  parser.add_argument("--only", type=int, default=None, help="index into the sizes that --size picks")
   parser.add_argument("--dispatchers", default=None,
                       help=f"comma-separated names to time (default: all of {','.join(DISPATCHERS)})")
   parser.add_argument("--in_process", action="store_true",
                       help="time every dispatcher in this process (default: a process per size and dispatcher)")
   parser.add_argument("--size", choices=["issue", "test"], default="issue",
-                      help="issue: the three sizes below; test: one tiny size (for the script's test)")
+                      help="issue: the three sizes of SIZES (the issue's shape first); test: one tiny size (for this "
+                           "script's test)")
   args = parser.parse_args(argv)
   only_dispatchers = None if args.dispatchers is None else args.dispatchers.split(",")
   for name in only_dispatchers or ():

@@ -14,6 +14,7 @@ def test_each_dispatcher_is_timed_in_its_own_process_against_the_dense_ffn():
   # the order of the dispatcher table, not of the flag; one line each
   assert [row["dispatcher"] for row in rows] == ["capacity_1.25", "dropless_padded"]
   assert [row["target"] for row in rows] == [1.3, 1.2]  # the targets
+  assert rows[0]["pid"] != rows[1]["pid"]  # each timed in a process of its own
   for row in rows:
     assert (row["tokens"], row["d_model"], row["experts"], row["k"], row["hidden"]) == (64, 16, 4, 2, 32)
     assert row["moe_ms"] > 0 and row["dense_ms"] > 0
