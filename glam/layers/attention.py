@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from glam.kernels.matmul import matmul
 from glam.layers.context import LayerContext, dropout
 from glam.layers.position import RelativePositionBias, apply_rotary
 
@@ -132,7 +133,7 @@ class Attention(nnx.Module):
     # Projections on 2-D token rows: XLA:CPU computes the weight gradient of a 3-D einsum
     # (contracting batch and length together) much more slowly.
     rows = x.reshape(batch * length, d_model)
-    project = lambda w: (rows @ w[...].astype(dt).reshape(d_model, -1)).reshape(heads_shape)
+    project = lambda w: matmul(rows, w[...].astype(dt).reshape(d_model, -1)).reshape(heads_shape)
     q = project(self.query)  # [batch, q_len, heads, head_dim]
     k = project(self.key)
     v = project(self.value)
@@ -153,5 +154,5 @@ class Attention(nnx.Module):
     blocks = self.causal_blocks if split else 1
     attended = jnp.transpose(attend_causal_blocks(q, k, v, ctx.mask, bias, blocks), (0, 2, 1, 3))  # [batch, q_len, heads, head_dim]
     out = self.out[...].astype(dt).reshape(self.num_heads * self.head_dim, d_model)
-    y = (attended.reshape(batch * length, -1) @ out).reshape(batch, length, d_model)  # [batch, q_len, d_model]
+    y = matmul(attended.reshape(batch * length, -1), out).reshape(batch, length, d_model)  # [batch, q_len, d_model]
     return dropout(y, self.dropout_rate, ctx, salt=1), new_cache, {}

@@ -3,6 +3,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from glam.kernels.matmul import matmul
+
 
 class Embed(nnx.Module):
   """Looks up token vectors; `attend` computes logits against the same table."""
@@ -23,5 +25,5 @@ class Embed(nnx.Module):
     # Scale by 1/sqrt(d_model) so that logits start near unit variance with unit-variance rows.
     table = self.embedding[...].astype(self.dtype)
     rows = x.reshape(-1, x.shape[-1])  # 2-D token rows: the fast case for XLA:CPU's weight gradient
-    logits = (rows @ table.T).reshape(x.shape[:-1] + (-1,))  # [batch, length, vocab]
+    logits = matmul(rows, table, transpose_b=True).reshape(x.shape[:-1] + (-1,))  # [batch, length, vocab]
     return logits * (self.d_model ** -0.5)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from glam.kernels.matmul import matmul
 from glam.layers.context import LayerContext
 from glam.layers.embedding import Embed
 from glam.layers.masks import attention_mask
@@ -132,7 +133,7 @@ class DecoderLM(nnx.Module):
     else:
       # On 2-D token rows: XLA:CPU computes the kernel's gradient of a 3-D einsum much more slowly.
       kernel = self.logits_kernel[...].astype(self.dtype)
-      logits = (x.reshape(batch * length, self.d_model) @ kernel).reshape(batch, length, -1)  # [batch, length, vocab]
+      logits = matmul(x.reshape(batch * length, self.d_model), kernel).reshape(batch, length, -1)  # [batch, length, vocab]
     if new_cache is not None:
       new_cache["layers"] = layer_cache
     aux_loss = sum((jnp.sum(v) for k, v in aux.items() if k.rsplit("/", 1)[-1].startswith("loss_")),

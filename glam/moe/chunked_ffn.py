@@ -18,6 +18,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from glam.kernels.matmul import gemm, resolve_backend
+
 
 def chunked_ffn(x: jax.Array, w_in: jax.Array, w_gate: jax.Array | None, w_out: jax.Array,
                 group_sizes: jax.Array, activation, *, chunk: int = 32) -> jax.Array:
@@ -152,10 +154,11 @@ def padded_ffn(x_main: jax.Array, x_overflow: jax.Array, w_in: jax.Array, w_gate
 
 def _main_forward(x_main, weights, activation, gated):
   w_in, w_gate, w_out = weights
-  hidden = jnp.einsum("ecm,emf->ecf", x_main, w_in)  # [experts, capacity, d_ff]
-  gate = jnp.einsum("ecm,emf->ecf", x_main, w_gate) if gated else None  # [experts, capacity, d_ff]
+  mm = functools.partial(gemm, backend=resolve_backend(jnp.result_type(x_main.dtype, w_in.dtype)))
+  hidden = mm(x_main, w_in)  # [experts, capacity, d_ff]
+  gate = mm(x_main, w_gate) if gated else None  # [experts, capacity, d_ff]
   act = activation(hidden, gate)
-  return jnp.einsum("ecf,efm->ecm", act, w_out), (hidden, gate, act)  # [experts, capacity, d_model]
+  return mm(act, w_out), (hidden, gate, act)  # [experts, capacity, d_model]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -179,17 +182,30 @@ def _padded_bwd(activation, gated, chunk, residuals, cotangents):
   w_in, w_gate, w_out = weights
   acc = jnp.promote_types(jnp.result_type(x_main.dtype, w_in.dtype), jnp.float32)
   dy_main = dy_main.astype(act.dtype)
-  dw_out = jnp.einsum("ecf,ecm->efm", act, dy_main, preferred_element_type=acc)  # [experts, d_ff, d_model]
-  d_act = jnp.einsum("ecm,efm->ecf", dy_main, w_out)  # [experts, capacity, d_ff]
+  backend = resolve_backend(jnp.result_type(x_main.dtype, w_in.dtype))
+  if backend == "cblas":  # float32: the accumulation type already
+    mm = functools.partial(gemm, backend=backend)
+    dw_out = mm(act, dy_main, transpose_a=True)  # [experts, d_ff, d_model]
+    d_act = mm(dy_main, w_out, transpose_b=True)  # [experts, capacity, d_ff]
+  else:
+    dw_out = jnp.einsum("ecf,ecm->efm", act, dy_main, preferred_element_type=acc)  # [experts, d_ff, d_model]
+    d_act = jnp.einsum("ecm,efm->ecf", dy_main, w_out)  # [experts, capacity, d_ff]
   if gated:
     _, act_vjp = jax.vjp(lambda h, g: activation(h, g), hidden, gate)
     d_hidden, d_gate = act_vjp(d_act)
   else:
     _, act_vjp = jax.vjp(lambda h: activation(h, None), hidden)
     (d_hidden,), d_gate = act_vjp(d_act), None
-  dx_main = jnp.einsum("ecf,emf->ecm", d_hidden, w_in)  # [experts, capacity, d_model]
-  dw_in = jnp.einsum("ecm,ecf->emf", x_main, d_hidden, preferred_element_type=acc)  # [experts, d_model, d_ff]
-  if gated:
+  if backend == "cblas":
+    dx_main = mm(d_hidden, w_in, transpose_b=True)  # [experts, capacity, d_model]
+    dw_in = mm(x_main, d_hidden, transpose_a=True)  # [experts, d_model, d_ff]
+  else:
+    dx_main = jnp.einsum("ecf,emf->ecm", d_hidden, w_in)  # [experts, capacity, d_model]
+    dw_in = jnp.einsum("ecm,ecf->emf", x_main, d_hidden, preferred_element_type=acc)  # [experts, d_model, d_ff]
+  if gated and backend == "cblas":
+    dx_main = dx_main + mm(d_gate, w_gate, transpose_b=True)  # [experts, capacity, d_model]
+    dw_gate = mm(x_main, d_gate, transpose_a=True)  # [experts, d_model, d_ff]
+  elif gated:
     dx_main = dx_main + jnp.einsum("ecf,emf->ecm", d_gate, w_gate)
     dw_gate = jnp.einsum("ecm,ecf->emf", x_main, d_gate, preferred_element_type=acc)
   else:

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from glam.kernels.matmul import matmul
 from glam.layers.context import LayerContext, dropout
 from glam.layers.feedforward import GATED, apply_activation, check_activation
 from glam.moe.chunked_ffn import chunked_ffn, padded_ffn
@@ -56,11 +57,10 @@ class Experts(nnx.Module):
       raise ValueError(f"Experts: expected x [{self.num_experts}, n, d_model], got {x.shape}")
     dt = self.dtype
     x = x.astype(dt)
-    hidden = jnp.einsum("enm,emf->enf", x, self.wi[...].astype(dt))  # [experts, n, d_ff]
-    gate = (jnp.einsum("enm,emf->enf", x, self.wi_gate[...].astype(dt))  # [experts, n, d_ff]
-            if self.wi_gate is not None else None)
+    hidden = matmul(x, self.wi[...].astype(dt))  # [experts, n, d_ff]
+    gate = matmul(x, self.wi_gate[...].astype(dt)) if self.wi_gate is not None else None  # [experts, n, d_ff]
     hidden = dropout(apply_activation(self.activation, hidden, gate), self.dropout_rate, ctx, DROPOUT_SALT)
-    return jnp.einsum("enf,efm->enm", hidden, self.wo[...].astype(dt))  # [experts, n, d_model]
+    return matmul(hidden, self.wo[...].astype(dt))  # [experts, n, d_model]
 
   def grouped(self, rows: jax.Array, group_sizes: jax.Array, ctx: LayerContext, *,
               implementation: str = "auto", block_size: int = 256) -> jax.Array:
@@ -73,15 +73,15 @@ class Experts(nnx.Module):
                        f"expected ({self.num_experts},)")
     dt = self.dtype
 
-    def matmul(x, w):
+    def per_expert(x, w):
       return grouped_matmul(x, w[...].astype(dt), group_sizes, implementation=implementation,
                             block_size=block_size)
 
     rows = rows.astype(dt)
-    hidden = matmul(rows, self.wi)  # [N, d_ff]
-    gate = matmul(rows, self.wi_gate) if self.wi_gate is not None else None  # [N, d_ff]
+    hidden = per_expert(rows, self.wi)  # [N, d_ff]
+    gate = per_expert(rows, self.wi_gate) if self.wi_gate is not None else None  # [N, d_ff]
     hidden = dropout(apply_activation(self.activation, hidden, gate), self.dropout_rate, ctx, DROPOUT_SALT)
-    return matmul(hidden, self.wo)  # [N, d_model]
+    return per_expert(hidden, self.wo)  # [N, d_model]
 
   def chunked(self, rows: jax.Array, group_sizes: jax.Array, ctx: LayerContext, *, chunk: int = 32) -> jax.Array:
     """Like `grouped`, but each chunk of rows goes through the whole FFN at once (see chunked_ffn.py):

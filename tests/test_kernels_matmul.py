@@ -1,0 +1,137 @@
+"""The oneMKL sgemm custom call: products, gradients, a whole model's, and the backend rules."""
+import platform
+import shutil
+import sys
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from glam import config
+from glam.kernels import cblas
+from glam.kernels.matmul import gemm, matmul, resolve_backend
+
+# The kernel is built with the system's C++ compiler (not a pip package). The `mkl` wheel comes
+# with `make install` on x86-64 Linux, so there a missing library fails here rather than skipping.
+pytestmark = [
+    pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the kernel"),
+    pytest.mark.skipif(platform.machine() != "x86_64" or sys.platform != "linux", reason="no mkl wheel here"),
+]
+
+
+def random(shape, seed):
+  return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+
+
+def test_the_kernel_loads():
+  assert cblas.load() is None
+
+
+@pytest.mark.parametrize("transpose_a", [False, True])
+@pytest.mark.parametrize("transpose_b", [False, True])
+@pytest.mark.parametrize("batch", [None, 3])
+def test_every_transposition_matches_numpy(transpose_a, transpose_b, batch):
+  m, k, n = 5, 7, 4
+  lead = () if batch is None else (batch,)
+  a = random(lead + ((k, m) if transpose_a else (m, k)), 0)
+  b = random(lead + ((n, k) if transpose_b else (k, n)), 1)
+  got = jax.jit(lambda a, b: gemm(a, b, transpose_a=transpose_a, transpose_b=transpose_b, backend="cblas"))(a, b)
+  op_a = np.swapaxes(np.asarray(a), -1, -2) if transpose_a else np.asarray(a)
+  op_b = np.swapaxes(np.asarray(b), -1, -2) if transpose_b else np.asarray(b)
+  assert got.shape == lead + (m, n)
+  np.testing.assert_allclose(got, op_a @ op_b, rtol=1e-5, atol=1e-5)
+
+
+def test_mismatched_shapes_are_refused_with_both_shapes():
+  with pytest.raises(ValueError, match=r"\(5, 7\) and \(6, 4\)"):
+    gemm(random((5, 7), 0), random((6, 4), 1), backend="cblas")
+
+
+@pytest.mark.parametrize("transpose_b", [False, True])
+@pytest.mark.parametrize("shapes", [((6, 5), (5, 3)), ((2, 6, 5), (2, 5, 3))])
+def test_gradients_match_xla(transpose_b, shapes):
+  a, b = random(shapes[0], 2), random(shapes[1], 3)
+  if transpose_b:
+    b = jnp.swapaxes(b, -1, -2)
+
+  def loss(a, b):
+    return jnp.sum(jnp.sin(matmul(a, b, transpose_b=transpose_b)))
+
+  results = {}
+  for backend in ("xla", "cblas"):
+    gin.clear_config()
+    gin.bind_parameter("matmul.backend", backend)
+    results[backend] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(a, b)
+  (v_xla, g_xla), (v_cblas, g_cblas) = results["xla"], results["cblas"]
+  np.testing.assert_allclose(v_cblas, v_xla, rtol=1e-5)
+  for got, want in zip(g_cblas, g_xla):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_backend_rules():
+  # The tests run on 8 simulated devices: "auto" keeps XLA's dots, which GSPMD can partition.
+  assert jax.device_count() == 8 and resolve_backend(jnp.float32) == "xla"
+  assert resolve_backend(jnp.float32, backend="cblas") == "cblas"
+  assert resolve_backend(jnp.bfloat16, backend="cblas") == "xla"  # the kernel is float32 only
+  with pytest.raises(ValueError, match=r"matmul.backend='mkl': expected one of \['auto', 'xla', 'cblas'\]"):
+    resolve_backend(jnp.float32, backend="mkl")
+
+
+def test_a_missing_library_is_named(monkeypatch):
+  monkeypatch.setenv("GLAM_CBLAS_LIBRARY", "/nonexistent/libcblas.so")
+  assert cblas.find_cblas_library() == "/nonexistent/libcblas.so"
+  monkeypatch.delenv("GLAM_CBLAS_LIBRARY")
+  monkeypatch.setattr(cblas.importlib.metadata, "distribution",
+                      lambda name: (_ for _ in ()).throw(cblas.importlib.metadata.PackageNotFoundError(name)))
+  with pytest.raises(FileNotFoundError, match=r"pip install 'glam\[mkl\]'"):
+    cblas.find_cblas_library()
+
+
+def test_the_build_is_cached_and_a_failed_compile_says_why(tmp_path, monkeypatch):
+  cache = tmp_path / "cache"
+  monkeypatch.setenv("GLAM_KERNEL_CACHE", str(cache))
+  built = cblas.build()
+  assert built.parent == cache and built.exists()
+  stamp = built.stat().st_mtime_ns
+  assert cblas.build() == built and built.stat().st_mtime_ns == stamp  # not rebuilt
+  broken = tmp_path / "broken.cc"
+  broken.write_text("this is not C++\n")
+  monkeypatch.setattr(cblas, "SOURCE", broken)
+  with pytest.raises(RuntimeError, match="broken.cc failed"):
+    cblas.build()
+  assert list(cache.iterdir()) == [built]  # nothing half-written left behind
+
+
+MOE_LM = ["DecoderLM.vocab_size = 64", "DecoderLM.d_model = 16", "DecoderLM.num_blocks = 2",
+          "DecoderLM.block = ('attn', 'moe')", "DecoderLM.tie_embeddings = False",
+          "Attention.num_heads = 2", "Attention.head_dim = 8",
+          "MoeLayer.num_experts = 4", "MoeLayer.d_ff = 32", "MoeLayer.activation = 'swiglu'",
+          "MoeLayer.router = @TokenChoiceRouter", "TokenChoiceRouter.k = 2"]
+
+
+@pytest.mark.parametrize("dispatcher", ["@Dropless()", "@CapacityEinsum()"])
+def test_a_moe_model_trains_the_same_on_either_backend(dispatcher):
+  """Logits (untied), attention projections and the padded experts' hand-written backward all
+  run on the kernel: the loss and every parameter's gradient match XLA's dots."""
+  from glam.models.lm import DecoderLM
+  ids = jax.random.randint(jax.random.key(0), (2, 16), 0, 64)
+  results = {}
+  for backend in ("xla", "cblas"):
+    config.parse([], MOE_LM + [f"MoeLayer.dispatcher = {dispatcher}", f"matmul.backend = '{backend}'"])
+    model = DecoderLM(rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss(params):
+      out = nnx.merge(graphdef, params)(ids)
+      return jnp.mean(jax.nn.logsumexp(out.logits, -1)) + out.aux_loss
+
+    results[backend] = jax.jit(jax.value_and_grad(loss))(params)
+  (v_xla, g_xla), (v_cblas, g_cblas) = results["xla"], results["cblas"]
+  np.testing.assert_allclose(v_cblas, v_xla, rtol=1e-5)
+  flat_xla, flat_cblas = jax.tree.leaves(g_xla), jax.tree.leaves(g_cblas)
+  assert len(flat_xla) == len(flat_cblas) > 10
+  for got, want in zip(flat_cblas, flat_xla):
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
