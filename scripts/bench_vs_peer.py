@@ -53,6 +53,8 @@ SHAPE = [f"DecoderLM.vocab_size = {VOCAB}", "DecoderLM.d_model = 512", "DecoderL
 DISPATCHERS = {"dropless": "MoeLayer.dispatcher = @Dropless()",  # auto: the padded layout on CPU
                "dropless_blocked": "MoeLayer.dispatcher = @Dropless()\nDropless.implementation = 'blocked'",
                "capacity_1.25": "MoeLayer.dispatcher = @CapacityEinsum()\nCapacityEinsum.capacity_factor = 1.25"}
+# The same on XLA's own dots instead of oneMKL's sgemm (glam/kernels/matmul.py), for the A/B in one run
+DISPATCHERS.update({f"{name}_xla_dots": f"{bindings}\nmatmul.backend = 'xla'" for name, bindings in list(DISPATCHERS.items())})
 
 
 def build_glam_step(dispatcher: str, bindings=()):

@@ -49,6 +49,7 @@ def test_phases_come_from_jax_autodiff_markers():
 def test_kinds_from_names_and_fused_bodies():
   bodies = {"fc.dot": "  ROOT %d = dot(%a, %b)", "fc.reduce": "  ROOT %r = reduce(%a)"}
   assert kind_of("ynn_fusion.12", bodies, "fc.dot") == "matmul"
+  assert kind_of("ffi_call.117") == "matmul"  # glam/kernels' sgemm
   assert kind_of("ynn_fusion.13", bodies, "fc.reduce") == "elementwise"
   assert kind_of("dot_general.337") == "matmul"
   assert kind_of("bitcast_dynamic-update-slice_fusion.19") == "data movement"

@@ -7,7 +7,8 @@ among the ops running then, so the shares add up to the time the step kept the C
 
 Ops are grouped by phase, from the op_name metadata JAX writes into each HLO instruction
 ("transpose(jvp(...))" is the backward pass, "jvp(...)" the forward, anything else the update and
-metrics), and by kind, from the op's name: "matmul" (dots, and YNNPACK fusions that hold one),
+metrics), and by kind, from the op's name: "matmul" (dots, the sgemm custom calls of glam/kernels, and
+YNNPACK fusions that hold one),
 "data movement" (slices, concatenations, copies, pads, broadcasts, gathers, transposes),
 "elementwise" (every other fusion: activations, the optimizer's arithmetic, reductions), "sort".
 
@@ -67,7 +68,7 @@ def phase_of(op_name: str) -> str:
 def kind_of(name: str, fused_computations: dict[str, str] | None = None, calls: str = "") -> str:
   """The kind of op `name` (an HLO instruction name such as "bitcast_dynamic-update-slice_fusion.4")."""
   base = re.sub(r"\.\d+$", "", name)
-  if base.startswith(("dot", "convolution")):
+  if base.startswith(("dot", "convolution", "ffi_call")):  # glam's only custom call is oneMKL's sgemm
     return "matmul"
   if base.startswith("ynn_fusion"):  # YNNPACK fusions hold a dot (or a reduction)
     body = (fused_computations or {}).get(calls, "")
