@@ -1,12 +1,14 @@
 """MoE dispatch + experts against a dense FFN of the same activated FLOPs, forward + backward.
 
   python scripts/bench_moe_layer.py [--reps 7] [--only 0] [--dispatchers capacity_1.25,dropless_padded] [--size test]
+      [--gin=matmul.backend='xla']
 
 For each size and dispatcher: the minimum time of one jitted forward+backward (gradients wrt the
 expert weights, the input and the gates) divided by that of a dense SwiGLU FFN with hidden width
 k * expert hidden on the same tokens, written with 2-D matmuls on [tokens, d_model] (the fastest
-dense form on XLA:CPU; glam's FeedForward on [groups, tokens, d_model] is timed beside it as
-glam_feedforward_ms). Runs are interleaved (dense, then each dispatcher, in turn) so that a busy
+dense form; glam's FeedForward on [groups, tokens, d_model] is timed beside it as
+glam_feedforward_ms). Both sides multiply with glam.kernels.matmul, so on one CPU device both run
+on oneMKL's sgemm (matmul_backend in each row; `--gin=matmul.backend='xla'` for XLA's dots). Runs are interleaved (dense, then each dispatcher, in turn) so that a busy
 machine slows all of them alike; cpu_time_ratio is the same ratio of process CPU seconds. The routing is fixed (a random softmax router's top-k), so only
 dispatch and experts are compared. One JSON line per (size, dispatcher); ragged_dot (a CPU
 fallback doing num_experts times the work) only for sizes with at most 8 experts.
@@ -26,6 +28,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from glam import config
+from glam.kernels.matmul import matmul, resolve_backend
 from glam.layers.context import LayerContext
 from glam.layers.feedforward import FeedForward
 from glam.moe.dispatch import CapacityEinsum, Dropless
@@ -90,8 +94,8 @@ def dense_step(ffn: FeedForward):
   def loss(params, x):
     ffn = nnx.merge(graphdef, params)
     rows = x.reshape(-1, x.shape[-1])  # [tokens, d_model]
-    hidden = jax.nn.silu(rows @ ffn.wi_gate[...]) * (rows @ ffn.wi[...])  # [tokens, d_ff]
-    return jnp.mean(jnp.square(hidden @ ffn.wo[...]))  # [tokens, d_model]
+    hidden = jax.nn.silu(matmul(rows, ffn.wi_gate[...])) * matmul(rows, ffn.wi[...])  # [tokens, d_ff]
+    return jnp.mean(jnp.square(matmul(hidden, ffn.wo[...])))  # [tokens, d_model]
 
   step = jax.jit(jax.grad(loss, (0, 1)))
   return lambda x: step(params, x)
@@ -152,7 +156,8 @@ def bench(size: dict, reps: int, only_dispatchers=None) -> list[dict]:
                ratio=round(best[name] / best["dense"], 3),
                cpu_time_ratio=round(best_cpu[name] / best_cpu["dense"], 3),
                target=target, max_expert_load=round(float(load.max() / load.sum()), 4), note=note,
-               device=jax.devices()[0].device_kind, dtype="float32", reps=reps, pid=os.getpid())
+               device=jax.devices()[0].device_kind, dtype="float32", reps=reps, pid=os.getpid(),
+               matmul_backend=resolve_backend(jnp.float32))
     rows.append(row)
   return rows
 
@@ -168,7 +173,9 @@ def main(argv=None):
   parser.add_argument("--size", choices=["issue", "test"], default="issue",
                       help="issue: the three sizes of SIZES (the issue's shape first); test: one tiny size (for this "
                            "script's test)")
+  parser.add_argument("--gin", action="append", default=[], help="a gin binding, e.g. matmul.backend='xla' (repeatable)")
   args = parser.parse_args(argv)
+  config.parse([], args.gin)
   only_dispatchers = None if args.dispatchers is None else args.dispatchers.split(",")
   for name in only_dispatchers or ():
     if name not in DISPATCHERS:
@@ -183,7 +190,8 @@ def main(argv=None):
       continue
     for name in dispatcher_names(size, only_dispatchers):
       subprocess.run([sys.executable, __file__, "--in_process", "--only", str(i), "--dispatchers", name,
-                      "--reps", str(args.reps), "--size", args.size], check=True)  # its JSON line goes straight to our stdout
+                      "--reps", str(args.reps), "--size", args.size, *[f"--gin={b}" for b in args.gin]],
+                     check=True)  # its JSON line goes straight to our stdout
 
 
 if __name__ == "__main__":

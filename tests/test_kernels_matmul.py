@@ -1,4 +1,5 @@
 """The oneMKL sgemm custom call: products, gradients, a whole model's, and the backend rules."""
+import json
 import platform
 import shutil
 import sys
@@ -135,3 +136,20 @@ def test_a_moe_model_trains_the_same_on_either_backend(dispatcher):
   assert len(flat_xla) == len(flat_cblas) > 10
   for got, want in zip(flat_cblas, flat_xla):
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+
+
+def test_glam_train_on_one_cpu_device_multiplies_on_the_kernel_and_learns_the_same(tmp_path):
+  """`glam train` on one CPU device (as users run it; cli_helpers clears the 8-device flag) picks
+  the kernel by default, says so, and follows the run on XLA's dots step for step."""
+  from cli_helpers import TINY_RUN, glam
+  losses, notes = {}, {}
+  for name, extra in (("auto", []), ("xla", ["--gin.matmul.backend='xla'"])):
+    run = glam("train", *TINY_RUN, "--gin.train.num_steps=6", "--gin.train.log_every=2",
+               "--gin.DecoderLM.tie_embeddings=False", *extra, f"--model_dir={tmp_path / name}")
+    notes[name] = [line for line in run.stderr.splitlines() if "float32 matmuls on" in line]
+    with open(tmp_path / name / "metrics.jsonl") as f:
+      losses[name] = [row["loss"] for row in map(json.loads, f) if "loss" in row and "eval" not in json.dumps(row)]
+  assert len(notes["auto"]) == 1 and "CBLAS sgemm" in notes["auto"][0]
+  assert len(notes["xla"]) == 1 and "XLA's own dots" in notes["xla"][0]
+  assert len(losses["auto"]) == len(losses["xla"]) >= 3
+  np.testing.assert_allclose(losses["auto"], losses["xla"], rtol=1e-4)

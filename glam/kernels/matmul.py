@@ -8,8 +8,8 @@
 - "cblas": the custom call of cblas_gemm.cc, forward and backward (da = g b^T, db = a^T g, each
   one sgemm); float32 only, other dtypes stay on XLA; an error if the kernel cannot be loaded;
 - "auto" (default): "cblas" when the kernel loads, JAX's default backend is the CPU and there is
-  one device; "xla" otherwise. One device, because GSPMD cannot partition a custom call: on a mesh
-  it would gather the operands onto every device.
+  one device; "xla" otherwise. One device, because the custom call has no sharding rule for GSPMD
+  to partition it by; forcing "cblas" on a mesh of several devices is untested.
 
 Why: at the race's shapes oneMKL's sgemm took 12-17% less time than XLA:CPU's dots for the
 logits' gradients and the experts' batched matmuls (scratch, 2026-11-25 13:45 UTC), and matmuls
@@ -25,6 +25,8 @@ import numpy as np
 from glam.kernels import cblas
 
 BACKENDS = ("auto", "xla", "cblas")
+BACKEND_DESCRIPTIONS = {"xla": "XLA's own dots (matmul.backend)",
+                        "cblas": "the CBLAS sgemm custom call, oneMKL unless GLAM_CBLAS_LIBRARY (matmul.backend)"}
 
 
 @gin.configurable("matmul")
