@@ -80,10 +80,13 @@ def load() -> str | None:
   try:
     cblas = ctypes.CDLL(find_cblas_library(), mode=ctypes.RTLD_GLOBAL)
     sgemm = ctypes.cast(cblas.cblas_sgemm, ctypes.c_void_p)
+    # oneMKL's batched sgemm, when the library has one (not in the CBLAS standard)
+    batched = (ctypes.cast(cblas.cblas_sgemm_batch_strided, ctypes.c_void_p)
+               if hasattr(cblas, "cblas_sgemm_batch_strided") else None)
     kernel = ctypes.CDLL(str(build()))
   except (OSError, RuntimeError, AttributeError) as error:  # FileNotFoundError is an OSError
     return str(error)
-  kernel.glam_set_sgemm.argtypes = [ctypes.c_void_p]
-  kernel.glam_set_sgemm(sgemm)
+  kernel.glam_set_sgemm.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+  kernel.glam_set_sgemm(sgemm, batched)
   jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(kernel.GlamCblasGemm), platform="cpu")
   return None

@@ -20,7 +20,13 @@ namespace {
 // cblas_sgemm(layout, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
 using Sgemm = void (*)(int, int, int, int, int, int, float, const float*, int, const float*, int,
                        float, float*, int);
+// cblas_sgemm_batch_strided(layout, trans_a, trans_b, m, n, k, alpha, a, lda, stride_a, b, ldb,
+// stride_b, beta, c, ldc, stride_c, batch): oneMKL's, optional; 4-6% faster than a loop of sgemm
+// calls on the experts' [8, 544, 512] x [8, 512, 1024] (scratch, 2026-11-25 15:22 UTC).
+using SgemmBatchStrided = void (*)(int, int, int, int, int, int, float, const float*, int, int,
+                                   const float*, int, int, float, float*, int, int, int);
 Sgemm g_sgemm = nullptr;
+SgemmBatchStrided g_sgemm_batch_strided = nullptr;
 
 using Stack = ffi::Buffer<ffi::F32, 3>;  // [batch, rows, cols]
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;  // the CBLAS enum values
@@ -37,10 +43,18 @@ ffi::Error Gemm(Stack a, Stack b, ffi::Result<Stack> c, bool transpose_a, bool t
   const float* ap = a.typed_data();
   const float* bp = b.typed_data();
   float* cp = c->typed_data();
+  const int trans_a = transpose_a ? kTrans : kNoTrans, trans_b = transpose_b ? kTrans : kNoTrans;
+  if (batch > 1 && g_sgemm_batch_strided != nullptr) {
+    g_sgemm_batch_strided(kRowMajor, trans_a, trans_b, static_cast<int>(m), static_cast<int>(n),
+                          static_cast<int>(k), 1.0f, ap, static_cast<int>(ad[2]),
+                          static_cast<int>(ad[1] * ad[2]), bp, static_cast<int>(bd[2]),
+                          static_cast<int>(bd[1] * bd[2]), 0.0f, cp, static_cast<int>(n),
+                          static_cast<int>(m * n), static_cast<int>(batch));
+    return ffi::Error::Success();
+  }
   for (int64_t i = 0; i < batch; ++i) {
     // Leading dimensions are the row lengths as stored, whatever the transposition.
-    g_sgemm(kRowMajor, transpose_a ? kTrans : kNoTrans, transpose_b ? kTrans : kNoTrans,
-            static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), 1.0f,
+    g_sgemm(kRowMajor, trans_a, trans_b, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), 1.0f,
             ap + i * ad[1] * ad[2], static_cast<int>(ad[2]), bp + i * bd[1] * bd[2],
             static_cast<int>(bd[2]), 0.0f, cp + i * m * n, static_cast<int>(n));
   }
@@ -49,7 +63,10 @@ ffi::Error Gemm(Stack a, Stack b, ffi::Result<Stack> c, bool transpose_a, bool t
 
 }  // namespace
 
-extern "C" void glam_set_sgemm(void* sgemm) { g_sgemm = reinterpret_cast<Sgemm>(sgemm); }
+extern "C" void glam_set_sgemm(void* sgemm, void* sgemm_batch_strided) {
+  g_sgemm = reinterpret_cast<Sgemm>(sgemm);
+  g_sgemm_batch_strided = reinterpret_cast<SgemmBatchStrided>(sgemm_batch_strided);
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GlamCblasGemm, Gemm,
                               ffi::Ffi::Bind()
