@@ -46,6 +46,18 @@ def test_every_transposition_matches_numpy(transpose_a, transpose_b, batch):
   np.testing.assert_allclose(got, op_a @ op_b, rtol=1e-5, atol=1e-5)
 
 
+def test_matrices_past_cblas_int32_sizes_stay_on_xla():
+  """The kernel passes sizes and strides as 32-bit ints: a [70000, 40000] product (2.8e9 elements)
+  must become XLA's dot, not a custom call whose strides overflow. Traced only, never allocated."""
+  def primitives(a_shape, b_shape):
+    spec = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+    jaxpr = jax.make_jaxpr(lambda a, b: gemm(a, b, backend="cblas"))(spec(a_shape), spec(b_shape))
+    return {str(eqn.primitive) for eqn in jaxpr.eqns}
+  assert "ffi_call" in primitives((700, 40), (40, 400))
+  huge = primitives((70000, 40), (40, 40000))
+  assert "ffi_call" not in huge and "dot_general" in huge
+
+
 def test_mismatched_shapes_are_refused_with_both_shapes():
   with pytest.raises(ValueError, match=r"\(5, 7\) and \(6, 4\)"):
     gemm(random((5, 7), 0), random((6, 4), 1), backend="cblas")

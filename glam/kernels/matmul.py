@@ -46,16 +46,29 @@ def resolve_backend(dtype=jnp.float32, backend: str = "auto") -> str:
   return "xla"
 
 
+# The kernel passes sizes, leading dimensions and strides as CBLAS's 32-bit ints (oneMKL's LP64
+# interface): larger operands go to XLA rather than overflow.
+INT32_MAX = 2 ** 31 - 1
+
+
+def fits_int32(*shapes) -> bool:
+  """Whether every matrix of these [..., rows, cols] shapes has at most INT32_MAX elements."""
+  return all(shape[-1] * shape[-2] <= INT32_MAX for shape in shapes)
+
+
 def gemm(a: jax.Array, b: jax.Array, *, transpose_a: bool = False, transpose_b: bool = False,
-         backend: str = "xla") -> jax.Array:
+         backend: str = "xla", preferred_element_type=None) -> jax.Array:
   """op(a) @ op(b) for 2-D or batched 3-D operands, not differentiable through "cblas": for
-  hand-written backward passes. `backend` is a resolved one ("xla" or "cblas")."""
+  hand-written backward passes. `backend` is a resolved one ("xla" or "cblas");
+  preferred_element_type is XLA's accumulation type (the kernel's float32 already is one)."""
   if a.ndim != b.ndim or a.ndim not in (2, 3):
     raise ValueError(f"gemm: expected two 2-D or two 3-D operands, got {a.shape} and {b.shape}")
-  if backend == "xla" or 0 in a.shape or 0 in b.shape or a.dtype != jnp.float32 or b.dtype != jnp.float32:
+  out_shape = (a.shape[-1] if transpose_a else a.shape[-2], b.shape[-2] if transpose_b else b.shape[-1])
+  if (backend == "xla" or 0 in a.shape or 0 in b.shape or a.dtype != jnp.float32 or b.dtype != jnp.float32
+      or not fits_int32(a.shape, b.shape, out_shape)):
     op_a = jnp.swapaxes(a, -1, -2) if transpose_a else a
     op_b = jnp.swapaxes(b, -1, -2) if transpose_b else b
-    return jnp.matmul(op_a, op_b)  # [..., M, N]
+    return jnp.matmul(op_a, op_b, preferred_element_type=preferred_element_type)  # [..., M, N]
   reason = cblas.load()  # registers the custom call in this process (cached)
   if reason is not None:
     raise ValueError(f"gemm(backend='cblas'): the kernel cannot be loaded: {reason}")

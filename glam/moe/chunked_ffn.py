@@ -182,32 +182,20 @@ def _padded_bwd(activation, gated, chunk, residuals, cotangents):
   w_in, w_gate, w_out = weights
   acc = jnp.promote_types(jnp.result_type(x_main.dtype, w_in.dtype), jnp.float32)
   dy_main = dy_main.astype(act.dtype)
-  backend = resolve_backend(jnp.result_type(x_main.dtype, w_in.dtype))
-  if backend == "cblas":  # float32: the accumulation type already
-    mm = functools.partial(gemm, backend=backend)
-    dw_out = mm(act, dy_main, transpose_a=True)  # [experts, d_ff, d_model]
-    d_act = mm(dy_main, w_out, transpose_b=True)  # [experts, capacity, d_ff]
-  else:
-    dw_out = jnp.einsum("ecf,ecm->efm", act, dy_main, preferred_element_type=acc)  # [experts, d_ff, d_model]
-    d_act = jnp.einsum("ecm,efm->ecf", dy_main, w_out)  # [experts, capacity, d_ff]
+  mm = functools.partial(gemm, backend=resolve_backend(jnp.result_type(x_main.dtype, w_in.dtype)))
+  dw_out = mm(act, dy_main, transpose_a=True, preferred_element_type=acc)  # [experts, d_ff, d_model]
+  d_act = mm(dy_main, w_out, transpose_b=True)  # [experts, capacity, d_ff]
   if gated:
     _, act_vjp = jax.vjp(lambda h, g: activation(h, g), hidden, gate)
     d_hidden, d_gate = act_vjp(d_act)
   else:
     _, act_vjp = jax.vjp(lambda h: activation(h, None), hidden)
     (d_hidden,), d_gate = act_vjp(d_act), None
-  if backend == "cblas":
-    dx_main = mm(d_hidden, w_in, transpose_b=True)  # [experts, capacity, d_model]
-    dw_in = mm(x_main, d_hidden, transpose_a=True)  # [experts, d_model, d_ff]
-  else:
-    dx_main = jnp.einsum("ecf,emf->ecm", d_hidden, w_in)  # [experts, capacity, d_model]
-    dw_in = jnp.einsum("ecm,ecf->emf", x_main, d_hidden, preferred_element_type=acc)  # [experts, d_model, d_ff]
-  if gated and backend == "cblas":
+  dx_main = mm(d_hidden, w_in, transpose_b=True)  # [experts, capacity, d_model]
+  dw_in = mm(x_main, d_hidden, transpose_a=True, preferred_element_type=acc)  # [experts, d_model, d_ff]
+  if gated:
     dx_main = dx_main + mm(d_gate, w_gate, transpose_b=True)  # [experts, capacity, d_model]
-    dw_gate = mm(x_main, d_gate, transpose_a=True)  # [experts, d_model, d_ff]
-  elif gated:
-    dx_main = dx_main + jnp.einsum("ecf,emf->ecm", d_gate, w_gate)
-    dw_gate = jnp.einsum("ecm,ecf->emf", x_main, d_gate, preferred_element_type=acc)
+    dw_gate = mm(x_main, d_gate, transpose_a=True, preferred_element_type=acc)  # [experts, d_model, d_ff]
   else:
     dw_gate = jnp.zeros(w_gate.shape, acc)
   dx_overflow = jnp.zeros_like(x_overflow)
