@@ -55,6 +55,8 @@ DISPATCHERS = {  # name -> (dispatcher, target ratio from the issue, note)
                              "GShard one-hot einsums"),
     "dropless_padded": (Dropless(implementation="padded"), 1.2,
                         "padded [E, C] einsum + chunked overflow (auto on CPU)"),
+    "dropless_cblas": (Dropless(implementation="cblas"), None,
+                       "sorted rows, one oneMKL sgemm per expert over exactly its rows"),
     "dropless_blocked": (Dropless(implementation="blocked"), None, "every row through the blocked grouped matmul"),
     "dropless_ragged_dot": (Dropless(implementation="ragged_dot"), None,
                             "CPU fallback: JAX masks the input once per expert"),

@@ -125,15 +125,18 @@ MOE_LM = ["DecoderLM.vocab_size = 64", "DecoderLM.d_model = 16", "DecoderLM.num_
           "MoeLayer.router = @TokenChoiceRouter", "TokenChoiceRouter.k = 2"]
 
 
-@pytest.mark.parametrize("dispatcher", ["@Dropless()", "@CapacityEinsum()"])
+@pytest.mark.parametrize("dispatcher", [["MoeLayer.dispatcher = @Dropless()"],
+                                        ["MoeLayer.dispatcher = @Dropless()", "Dropless.implementation = 'padded'"],
+                                        ["MoeLayer.dispatcher = @CapacityEinsum()"]], ids=["sorted", "padded", "capacity"])
 def test_a_moe_model_trains_the_same_on_either_backend(dispatcher):
-  """Logits (untied), attention projections and the padded experts' hand-written backward all
-  run on the kernel: the loss and every parameter's gradient match XLA's dots."""
+  """Logits (untied), attention projections, the grouped experts (Dropless and CapacityEinsum on
+  the kernel) and the padded experts' hand-written backward all run on the kernel: the loss and
+  every parameter's gradient match XLA's dots."""
   from glam.models.lm import DecoderLM
   ids = jax.random.randint(jax.random.key(0), (2, 16), 0, 64)
   results = {}
   for backend in ("xla", "cblas"):
-    config.parse([], MOE_LM + [f"MoeLayer.dispatcher = {dispatcher}", f"matmul.backend = '{backend}'"])
+    config.parse([], MOE_LM + dispatcher + [f"matmul.backend = '{backend}'"])
     model = DecoderLM(rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
 

@@ -23,6 +23,8 @@ import jax
 import jaxlib
 
 TARGET = "glam_cblas_gemm"
+GROUPED_TARGET = "glam_cblas_grouped_gemm"  # y[rows of e] = x[rows of e] @ op(w[e])
+OUTER_TARGET = "glam_cblas_grouped_outer"  # dw[e] = x[rows of e]^T dy[rows of e]
 SOURCE = pathlib.Path(__file__).with_name("cblas_gemm.cc")
 
 
@@ -81,12 +83,14 @@ def load() -> str | None:
     cblas = ctypes.CDLL(find_cblas_library(), mode=ctypes.RTLD_GLOBAL)
     sgemm = ctypes.cast(cblas.cblas_sgemm, ctypes.c_void_p)
     # oneMKL's batched sgemm, when the library has one (not in the CBLAS standard)
-    batched = (ctypes.cast(cblas.cblas_sgemm_batch_strided, ctypes.c_void_p)
-               if hasattr(cblas, "cblas_sgemm_batch_strided") else None)
+    batched, grouped = ((ctypes.cast(getattr(cblas, name), ctypes.c_void_p) if hasattr(cblas, name) else None)
+                        for name in ("cblas_sgemm_batch_strided", "cblas_sgemm_batch"))
     kernel = ctypes.CDLL(str(build()))
   except (OSError, RuntimeError, AttributeError) as error:  # FileNotFoundError is an OSError
     return str(error)
-  kernel.glam_set_sgemm.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-  kernel.glam_set_sgemm(sgemm, batched)
-  jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(kernel.GlamCblasGemm), platform="cpu")
+  kernel.glam_set_sgemm.argtypes = [ctypes.c_void_p] * 3
+  kernel.glam_set_sgemm(sgemm, batched, grouped)
+  for target, handler in ((TARGET, kernel.GlamCblasGemm), (GROUPED_TARGET, kernel.GlamCblasGroupedGemm),
+                          (OUTER_TARGET, kernel.GlamCblasGroupedOuter)):
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
   return None

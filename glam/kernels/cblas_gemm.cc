@@ -9,7 +9,18 @@
 //   c[i] = op(a[i]) @ op(b[i])  for i < batch, op = identity or transpose (attributes)
 //   a: [batch, M, K] (or [batch, K, M] when transpose_a), b: [batch, K, N] (or [batch, N, K]),
 //   c: [batch, M, N]; all row-major (XLA's default layout for custom-call operands).
+//
+// And a grouped (ragged) matmul for the dropless experts, rows sorted by expert, one sgemm per
+// expert over exactly its rows (no padding, nothing dropped; what ragged_dot is on GPU/TPU):
+//   glam_cblas_grouped_gemm:   y[rows of e] = x[rows of e] @ op(w[e]),  x [N, K], w [E, K, F]
+//                              (or [E, F, K] when transpose_w), y [N, F]
+//   glam_cblas_grouped_outer:  dw[e] = x[rows of e]^T @ dy[rows of e],  dw [E, K, F]
+// group_sizes [E] int32 are read on the host (XLA:CPU buffers are host memory); rows after the
+// last group get zeros, as do experts without rows.
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -25,8 +36,16 @@ using Sgemm = void (*)(int, int, int, int, int, int, float, const float*, int, c
 // calls on the experts' [8, 544, 512] x [8, 512, 1024] (scratch, 2026-11-25 15:22 UTC).
 using SgemmBatchStrided = void (*)(int, int, int, int, int, int, float, const float*, int, int,
                                    const float*, int, int, float, float*, int, int, int);
+// cblas_sgemm_batch(layout, trans_a[], trans_b[], m[], n[], k[], alpha[], a[], lda[], b[], ldb[],
+// beta[], c[], ldc[], group_count, group_size[]): oneMKL's, optional; the grouped matmul hands it
+// every expert at once, so the library spreads small experts' sgemms over the threads instead of
+// splitting each one (the sizes are MKL_INT: 32-bit in the LP64 interface that libmkl_rt defaults to).
+using SgemmBatch = void (*)(int, const int*, const int*, const int*, const int*, const int*,
+                            const float*, const float**, const int*, const float**, const int*,
+                            const float*, float**, const int*, int, const int*);
 Sgemm g_sgemm = nullptr;
 SgemmBatchStrided g_sgemm_batch_strided = nullptr;
+SgemmBatch g_sgemm_batch = nullptr;
 
 using Stack = ffi::Buffer<ffi::F32, 3>;  // [batch, rows, cols]
 constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;  // the CBLAS enum values
@@ -61,11 +80,105 @@ ffi::Error Gemm(Stack a, Stack b, ffi::Result<Stack> c, bool transpose_a, bool t
   return ffi::Error::Success();
 }
 
+// The sgemms of one grouped call, run in one cblas_sgemm_batch call when the library has it.
+struct SgemmList {
+  std::vector<int> trans_a, trans_b, m, n, k, lda, ldb, ldc, ones;
+  std::vector<float> alpha, beta;
+  std::vector<const float*> a, b;
+  std::vector<float*> c;
+
+  void Add(int ta, int tb, int64_t rows, int64_t cols, int64_t depth, const float* ap, int64_t la,
+           const float* bp, int64_t lb, float* cp, int64_t lc) {
+    trans_a.push_back(ta), trans_b.push_back(tb), m.push_back(static_cast<int>(rows));
+    n.push_back(static_cast<int>(cols)), k.push_back(static_cast<int>(depth));
+    a.push_back(ap), lda.push_back(static_cast<int>(la)), b.push_back(bp);
+    ldb.push_back(static_cast<int>(lb)), c.push_back(cp), ldc.push_back(static_cast<int>(lc));
+    alpha.push_back(1.0f), beta.push_back(0.0f), ones.push_back(1);
+  }
+
+  void Run() {
+    if (g_sgemm_batch != nullptr && m.size() > 1) {
+      g_sgemm_batch(kRowMajor, trans_a.data(), trans_b.data(), m.data(), n.data(), k.data(),
+                    alpha.data(), a.data(), lda.data(), b.data(), ldb.data(), beta.data(), c.data(),
+                    ldc.data(), static_cast<int>(m.size()), ones.data());
+      return;
+    }
+    for (size_t i = 0; i < m.size(); ++i) {
+      g_sgemm(kRowMajor, trans_a[i], trans_b[i], m[i], n[i], k[i], 1.0f, a[i], lda[i], b[i], ldb[i],
+              0.0f, c[i], ldc[i]);
+    }
+  }
+};
+
+using Rows = ffi::Buffer<ffi::F32, 2>;  // [N, cols]
+using Sizes = ffi::Buffer<ffi::S32, 1>;  // [E]
+
+// Each group's first row, clamped so that no group reaches past `rows` (negative sizes count as 0).
+// Returns the end of the last group.
+int64_t GroupStarts(Sizes sizes, int64_t rows, int64_t* starts, int64_t* counts) {
+  const int64_t groups = sizes.dimensions()[0];
+  const int32_t* s = sizes.typed_data();
+  int64_t start = 0;
+  for (int64_t e = 0; e < groups; ++e) {
+    starts[e] = start;
+    counts[e] = std::min<int64_t>(std::max<int32_t>(s[e], 0), rows - start);
+    start += counts[e];
+  }
+  return start;
+}
+
+ffi::Error GroupedGemm(Rows x, Stack w, Sizes sizes, ffi::Result<Rows> y, bool transpose_w) {
+  if (g_sgemm == nullptr) return ffi::Error::Internal("glam_cblas_grouped_gemm: no sgemm was set");
+  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  const int64_t rows = xd[0], k = xd[1], n = yd[1], groups = wd[0];
+  if (yd[0] != rows || sizes.dimensions()[0] != groups || (transpose_w ? wd[2] : wd[1]) != k ||
+      (transpose_w ? wd[1] : wd[2]) != n) {
+    return ffi::Error::InvalidArgument("glam_cblas_grouped_gemm: operand shapes do not match");
+  }
+  std::vector<int64_t> starts(groups), counts(groups);
+  const int64_t used = GroupStarts(sizes, rows, starts.data(), counts.data());
+  float* yp = y->typed_data();
+  SgemmList list;
+  for (int64_t e = 0; e < groups; ++e) {
+    if (counts[e] == 0) continue;
+    list.Add(kNoTrans, transpose_w ? kTrans : kNoTrans, counts[e], n, k, x.typed_data() + starts[e] * k, k,
+             w.typed_data() + e * wd[1] * wd[2], wd[2], yp + starts[e] * n, n);
+  }
+  list.Run();
+  std::memset(yp + used * n, 0, sizeof(float) * (rows - used) * n);
+  return ffi::Error::Success();
+}
+
+ffi::Error GroupedOuter(Rows x, Rows dy, Sizes sizes, ffi::Result<Stack> dw) {
+  if (g_sgemm == nullptr) return ffi::Error::Internal("glam_cblas_grouped_outer: no sgemm was set");
+  auto xd = x.dimensions(), dyd = dy.dimensions(), dwd = dw->dimensions();
+  const int64_t rows = xd[0], k = xd[1], n = dyd[1], groups = dwd[0];
+  if (dyd[0] != rows || sizes.dimensions()[0] != groups || dwd[1] != k || dwd[2] != n) {
+    return ffi::Error::InvalidArgument("glam_cblas_grouped_outer: operand shapes do not match");
+  }
+  std::vector<int64_t> starts(groups), counts(groups);
+  GroupStarts(sizes, rows, starts.data(), counts.data());
+  float* dwp = dw->typed_data();
+  SgemmList list;
+  for (int64_t e = 0; e < groups; ++e) {
+    float* out = dwp + e * k * n;
+    if (counts[e] == 0) {
+      std::memset(out, 0, sizeof(float) * k * n);
+      continue;
+    }
+    list.Add(kTrans, kNoTrans, k, n, counts[e], x.typed_data() + starts[e] * k, k,
+             dy.typed_data() + starts[e] * n, n, out, n);
+  }
+  list.Run();
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
-extern "C" void glam_set_sgemm(void* sgemm, void* sgemm_batch_strided) {
+extern "C" void glam_set_sgemm(void* sgemm, void* sgemm_batch_strided, void* sgemm_batch) {
   g_sgemm = reinterpret_cast<Sgemm>(sgemm);
   g_sgemm_batch_strided = reinterpret_cast<SgemmBatchStrided>(sgemm_batch_strided);
+  g_sgemm_batch = reinterpret_cast<SgemmBatch>(sgemm_batch);
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GlamCblasGemm, Gemm,
@@ -75,3 +188,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GlamCblasGemm, Gemm,
                                   .Ret<Stack>()
                                   .Attr<bool>("transpose_a")
                                   .Attr<bool>("transpose_b"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GlamCblasGroupedGemm, GroupedGemm,
+                              ffi::Ffi::Bind()
+                                  .Arg<Rows>()
+                                  .Arg<Stack>()
+                                  .Arg<Sizes>()
+                                  .Ret<Rows>()
+                                  .Attr<bool>("transpose_w"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GlamCblasGroupedOuter, GroupedOuter,
+                              ffi::Ffi::Bind().Arg<Rows>().Arg<Rows>().Arg<Sizes>().Ret<Stack>());

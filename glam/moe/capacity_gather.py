@@ -10,6 +10,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from glam.moe.grouped_matmul import resolve_implementation
 from glam.moe.row_maps import capacity_slots, padded_rows, to_assignments, to_expert_rows
 from glam.parallel.constraints import constrain
 
@@ -43,7 +44,9 @@ def gather_every_slot(x, routing, experts, ctx, capacity: int):
 def gather_padded(x, routing, experts, ctx, capacity: int, overflow_chunk: int, padded_capacity_factor: float):
   """The padded layout of Dropless "padded" for the kept assignments: each expert runs its first
   `slots` (padded_capacity_factor times its perfectly balanced load, over all groups) in one batched
-  einsum and the rest of what it keeps chunk by chunk. Same result as the einsums."""
+  einsum and the rest of what it keeps chunk by chunk. Where the grouped matmul runs on oneMKL
+  (glam/kernels/grouped.py), every kept assignment goes to the sorted rows instead (no slots):
+  each expert computes exactly what it keeps. Same result as the einsums."""
   groups, tokens, d_model = x.shape
   num_experts, k = experts.num_experts, routing.expert_index.shape[-1]
   assignments = groups * tokens * k
@@ -54,16 +57,22 @@ def gather_padded(x, routing, experts, ctx, capacity: int, overflow_chunk: int, 
   rank = position + jnp.take_along_axis(earlier_groups, routing.expert_index.reshape(groups, tokens * k),
                                         axis=1).reshape(position.shape)  # [groups, tokens, k] within the expert
   kept_sizes = jnp.sum(kept_by_group, axis=0)  # [experts]
-  slots = min(groups * capacity, max(1, math.ceil(padded_capacity_factor * assignments / num_experts)))
-  overflow_rows = max(0, min(assignments - slots, num_experts * (groups * capacity - slots)))
+  if resolve_implementation("auto", dtype=experts.dtype) == "cblas":
+    slots, overflow_rows = 0, min(assignments, num_experts * groups * capacity)  # all sorted by expert
+  else:
+    slots = min(groups * capacity, max(1, math.ceil(padded_capacity_factor * assignments / num_experts)))
+    overflow_rows = max(0, min(assignments - slots, num_experts * (groups * capacity - slots)))
   row_assignment, assignment_row, overflow_sizes = padded_rows(
       routing.expert_index.reshape(assignments), rank.reshape(assignments), keep.reshape(assignments),
       kept_sizes, slots, overflow_rows)
   main_rows = num_experts * slots
   rows = to_expert_rows(x.reshape(groups * tokens, d_model), row_assignment, assignment_row, k)
-  main_out, overflow_out = experts.padded(rows[:main_rows].reshape(num_experts, slots, d_model), rows[main_rows:],
-                                          overflow_sizes, ctx, chunk=overflow_chunk)
-  out = jnp.concatenate([main_out.reshape(main_rows, d_model), overflow_out.astype(main_out.dtype)])
+  if slots == 0:
+    out = experts.grouped(rows, overflow_sizes, ctx, implementation="cblas")  # [kept rows, d_model]
+  else:
+    main_out, overflow_out = experts.padded(rows[:main_rows].reshape(num_experts, slots, d_model),
+                                            rows[main_rows:], overflow_sizes, ctx, chunk=overflow_chunk)
+    out = jnp.concatenate([main_out.reshape(main_rows, d_model), overflow_out.astype(main_out.dtype)])
   back = to_assignments(out, row_assignment, assignment_row).reshape(groups, tokens, k, d_model)
   y = jnp.einsum("gtkm,gtk->gtm", back, routing.gates.astype(back.dtype))  # [groups, tokens, d_model]
   return y, keep, kept_sizes

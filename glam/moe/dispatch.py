@@ -4,13 +4,14 @@ CapacityEinsum (GShard / flaxformer): every expert has a fixed number of slots p
 choice: the dispatch and combine tensors [groups, tokens, experts, capacity] place assignments in
 slots and bring the gated outputs back; assignments past capacity are dropped (the token gets
 nothing from that expert; the residual connection around the layer carries it). On CPU the kept
-assignments use Dropless's padded layout instead (below), so empty slots cost nothing. Expert
+assignments use Dropless's layout instead (below: sorted on oneMKL, else padded), so empty slots
+cost nothing. Expert
 choice: each expert's slots are its chosen tokens, so nothing is dropped.
 
-Dropless: nothing is dropped. On CPU (padded): each expert's first C assignments fill C slots run
-as one batched einsum, the rest run chunk by chunk (glam/moe/chunked_ffn.py). Sorted (GPU/TPU, or
-"blocked"): sort the (token, choice) assignments by expert, run the experts' grouped matmuls on
-the sorted rows, unsort and combine.
+Dropless: nothing is dropped. Sorted (GPU/TPU; one CPU device with oneMKL; or "blocked"): sort the
+(token, choice) assignments by expert, run the experts' grouped matmuls on the sorted rows, unsort
+and combine. Padded (other CPU set-ups): each expert's first C assignments fill C slots run as one
+batched einsum, the rest run chunk by chunk (glam/moe/chunked_ffn.py).
 
 stats: "dropped_fraction" (routed assignments, gate > 0, dropped for capacity) and "expert_load"
 [experts] (each expert's share of the kept assignments; zeros if nothing was kept).
@@ -23,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from glam.moe.capacity_gather import gather_every_slot, gather_padded
-from glam.moe.grouped_matmul import IMPLEMENTATIONS
+from glam.moe.grouped_matmul import IMPLEMENTATIONS, resolve_implementation
 from glam.moe.routers import ExpertChoiceRouting, TokenChoiceRouting
 from glam.moe.row_maps import _take, capacity_slots, to_assignments, to_expert_rows
 from glam.parallel.mesh import batch_shards
@@ -59,7 +60,8 @@ class CapacityEinsum:
       fill its slots (a little over its balanced share), the few past them run chunk by chunk, so
       the experts compute the kept assignments and few empty slots; on CPU at 2048 tokens, d_model
       512, 8 experts, top-2 the layer's forward+backward is 1.15-1.26x a dense FFN's, against 2.0-2.4x for
-      einsum), or "auto" (einsum on GPU/TPU, gather elsewhere).
+      einsum; where the grouped matmul runs on oneMKL (one CPU device), the kept assignments go
+      to it sorted by expert instead, no slots at all), or "auto" (einsum on GPU/TPU, gather elsewhere).
       All give the same result. With groups or experts split over devices, or expert dropout in
       training, "gather" runs every [experts, groups * capacity] slot as the einsums do.
     overflow_chunk: rows per step of the gather placement's pass over the assignments past an
@@ -208,18 +210,21 @@ class Dropless:
   """Every routed assignment is computed: nothing is dropped.
 
   Choices with gate 0 (not routed) skip the experts. Two layouts:
-  - "padded" (the CPU default): each expert gets `capacity = ceil(padded_capacity_factor * k *
+  - "cblas" / "ragged_dot" / "blocked" (sorted): sort every assignment by expert and run the grouped
+    matmul on all of them. "ragged_dot" is native on GPU/TPU (on CPU a fallback doing num_experts
+    times the work); "cblas" (the default on one CPU device where float32 matmuls run on oneMKL)
+    is one oneMKL sgemm per expert over exactly its rows (glam/kernels/grouped.py); "blocked" the
+    portable XLA loop (glam/moe/grouped_matmul.py).
+  - "padded" (the CPU default elsewhere: several devices, no kernel, other dtypes): each expert gets `capacity = ceil(padded_capacity_factor * k *
     tokens / experts)` slots filled in token order and run as one batched einsum (as fast as a dense
     FFN of the same FLOPs on XLA:CPU); assignments past an expert's slots go to overflow rows,
     sorted by expert and run chunk by chunk through the whole expert FFN, which only computes the
     rows that are there (glam/moe/chunked_ffn.py). Moving rows in and out is one gather each way (custom backward: the inverse
     gather), never a scatter.
-  - "blocked" / "ragged_dot": sort every assignment by expert and run the grouped matmul on all of
-    them ("ragged_dot" is native on GPU/TPU; on CPU a fallback doing num_experts times the work).
 
   Args:
-    implementation: "auto" (ragged_dot on GPU/TPU, padded elsewhere), "padded", "blocked" or
-      "ragged_dot".
+    implementation: "auto" (ragged_dot on GPU/TPU, cblas where grouped_matmul's "auto" picks it,
+      padded elsewhere), "padded", "cblas", "blocked" or "ragged_dot".
     block_size: rows per full chunk of the blocked grouped matmul (tails use eighths of it).
     padded_capacity_factor: slots per expert in the padded layout, as a multiple of the perfectly
       balanced load (1.0: no padding at perfect balance; larger: fewer overflow rows, more padding).
@@ -250,9 +255,10 @@ class Dropless:
     if not self.padded_capacity_factor > 0:
       raise ValueError(f"Dropless.padded_capacity_factor={self.padded_capacity_factor}: must be > 0")
 
-  def resolved_implementation(self) -> str:
+  def resolved_implementation(self, dtype=jnp.float32) -> str:
     if self.implementation == "auto":
-      return "ragged_dot" if jax.default_backend() in ("gpu", "tpu") else "padded"
+      grouped = resolve_implementation("auto", dtype=dtype)  # ragged_dot (GPU/TPU), cblas or blocked
+      return "padded" if grouped == "blocked" else grouped
     return self.implementation
 
   def __call__(self, x: jax.Array, routing, experts, ctx) -> tuple[jax.Array, dict]:
@@ -264,7 +270,7 @@ class Dropless:
     assignments = groups * tokens * k
     gates = routing.gates.reshape(assignments)
     expert = jnp.where(gates > 0, routing.expert_index.reshape(assignments), num_experts)  # not routed -> last
-    if self.resolved_implementation() == "padded":
+    if self.resolved_implementation(experts.dtype) == "padded":
       back, group_sizes = self._padded(x.reshape(groups * tokens, d_model), expert, k, experts, ctx)
     else:
       back, group_sizes = self._sorted(x.reshape(groups * tokens, d_model), expert, k, experts, ctx)

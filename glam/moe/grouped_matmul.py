@@ -5,7 +5,11 @@
 "ragged_dot" is `jax.lax.ragged_dot`, native on GPU and TPU. XLA:CPU has no kernel for it: JAX
 lowers it by masking the whole input once per group, E times the work.
 
-"blocked" is the portable path (the CPU default): a fori_loop over groups (the program does not
+"cblas" is the CPU default where float32 matmuls run on oneMKL (one device, glam.kernels.matmul):
+a custom call doing one sgemm per group over exactly its rows (glam/kernels/grouped.py); operands
+it does not take (other dtypes, empty, past CBLAS's 32-bit sizes) go to "blocked".
+
+"blocked" is the portable path (the CPU fallback): a fori_loop over groups (the program does not
 grow with the number of groups); inside each, a loop with a dynamic trip count over full chunks of
 `block_size` rows, then one tail chunk whose size is the remainder rounded up to a multiple of
 block_size/8, picked at run time by `lax.switch` and masked to the group's rows. So each group
@@ -36,16 +40,23 @@ import functools
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("auto", "blocked", "ragged_dot")
+from glam.kernels import grouped
+from glam.kernels.matmul import resolve_backend
+
+IMPLEMENTATIONS = ("auto", "blocked", "ragged_dot", "cblas")
 TAIL_SIZES = 8  # the tail chunk is rounded up to a multiple of block_size / 8 rows
 
 
-def resolve_implementation(implementation: str, binding: str = "grouped_matmul.implementation") -> str:
-  """"auto" -> "ragged_dot" where it is native (GPU, TPU), "blocked" elsewhere."""
+def resolve_implementation(implementation: str, binding: str = "grouped_matmul.implementation",
+                           dtype=jnp.float32) -> str:
+  """"auto" -> "ragged_dot" where it is native (GPU, TPU), "cblas" where float32 matmuls run on
+  oneMKL (glam.kernels.matmul: one CPU device), "blocked" elsewhere."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"{binding}={implementation!r}: expected one of {list(IMPLEMENTATIONS)}")
   if implementation == "auto":
-    return "ragged_dot" if jax.default_backend() in ("gpu", "tpu") else "blocked"
+    if jax.default_backend() in ("gpu", "tpu"):
+      return "ragged_dot"
+    return "cblas" if resolve_backend(dtype) == "cblas" else "blocked"
   return implementation
 
 
@@ -59,8 +70,11 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, implem
   if block_size < 1:
     raise ValueError(f"grouped_matmul.block_size={block_size}: must be >= 1")
   group_sizes = group_sizes.astype(jnp.int32)
-  if resolve_implementation(implementation) == "ragged_dot":
+  implementation = resolve_implementation(implementation, dtype=jnp.result_type(x.dtype, w.dtype))
+  if implementation == "ragged_dot":
     return jax.lax.ragged_dot(x, w, group_sizes)  # [N, F]
+  if implementation == "cblas" and grouped.supported(x, w):
+    return grouped.grouped_matmul(x, w, group_sizes)  # [N, F]
   if x.shape[0] == 0:
     return jnp.zeros((0, w.shape[2]), jnp.result_type(x.dtype, w.dtype))
   return _blocked(x, w, group_sizes, block_size)
