@@ -1,6 +1,6 @@
 """MoE dispatch + experts against a dense FFN of the same activated FLOPs, forward + backward.
 
-  python scripts/bench_moe_layer.py [--reps 7] [--only 0] [--dispatchers capacity_1.25,dropless_padded] [--size test]
+  python scripts/bench_moe_layer.py [--reps 7] [--only 0] [--dispatchers capacity_1.25,dropless] [--size test]
       [--gin=matmul.backend='xla']
 
 For each size and dispatcher: the minimum time of one jitted forward+backward (gradients wrt the
@@ -50,13 +50,13 @@ TEST_SIZES = [  # --size=test: a tiny shape for the test of this script's proces
 ]
 DISPATCHERS = {  # name -> (dispatcher, target ratio from the issue, note)
     "capacity_1.25": (CapacityEinsum(capacity_factor=1.25), 1.3,
-                      "gather placement: kept assignments in the padded layout (auto on CPU)"),
+                      "gather placement (auto on CPU): kept assignments sorted on the oneMKL grouped matmul, "
+                      "else in the padded layout"),
     "capacity_1.25_einsum": (CapacityEinsum(capacity_factor=1.25, implementation="einsum"), None,
                              "GShard one-hot einsums"),
-    "dropless_padded": (Dropless(implementation="padded"), 1.2,
-                        "padded [E, C] einsum + chunked overflow (auto on CPU)"),
-    "dropless_cblas": (Dropless(implementation="cblas"), None,
-                       "sorted rows, one oneMKL sgemm per expert over exactly its rows"),
+    "dropless": (Dropless(), 1.2, "auto: the oneMKL grouped matmul on one CPU device (else padded)"),
+    "dropless_padded": (Dropless(implementation="padded"), None,
+                        "padded [E, C] einsum + chunked overflow (auto on CPU without the kernel)"),
     "dropless_blocked": (Dropless(implementation="blocked"), None, "every row through the blocked grouped matmul"),
     "dropless_ragged_dot": (Dropless(implementation="ragged_dot"), None,
                             "CPU fallback: JAX masks the input once per expert"),
