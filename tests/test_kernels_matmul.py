@@ -168,3 +168,27 @@ def test_glam_train_on_one_cpu_device_multiplies_on_the_kernel_and_learns_the_sa
   assert len(notes["xla"]) == 1 and "XLA's own dots" in notes["xla"][0]
   assert len(losses["auto"]) == len(losses["xla"]) >= 3
   np.testing.assert_allclose(losses["auto"], losses["xla"], rtol=1e-4)
+
+
+def test_a_second_run_takes_its_programs_from_the_compilation_cache(tmp_path, monkeypatch):
+  """JAX's persistent compilation cache (README, "Compilation cache") with the kernel's custom
+  calls in the programs: a second identical `glam train` of a dropless MoE model compiles nothing
+  new (every program's cache key is stable), runs the cached executables (whose custom-call
+  targets the second process registers while tracing), and follows the first run's losses."""
+  from cli_helpers import TINY_RUN, glam
+  cache = tmp_path / "jax-cache"
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(cache))
+  monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+  moe = ["--gin_file=configs/models/glam_tiny.gin", "--gin.MoeLayer.dispatcher=@Dropless()",
+         "--gin.MoeLayer.d_ff=64", "--gin.MoeLayer.num_experts=4"]
+  losses, entries = [], []
+  for run in ("first", "second"):
+    glam("train", *TINY_RUN, *moe, "--gin.train.num_steps=4", f"--model_dir={tmp_path / run}")
+    entries.append(sorted((path.name, path.stat().st_mtime_ns) for path in cache.iterdir()))
+    with open(tmp_path / run / "metrics.jsonl") as f:
+      losses.append([row["loss"] for row in map(json.loads, f) if "loss" in row and "eval" not in json.dumps(row)])
+  assert len(entries[0]) >= 2  # the train step and more were cached by the first run
+  assert entries[1] == entries[0]  # ... and the second found them all: no new key, nothing rewritten
+  assert len(losses[0]) >= 3
+  np.testing.assert_allclose(losses[1], losses[0], rtol=1e-6)
