@@ -28,9 +28,11 @@ rest (about 0.4x of the dense FFN) is memory traffic a batched einsum does not h
 XLA:CPU dot cannot read or write at a dynamic offset: each chunk's input is sliced out, its output
 written back, each group's weight copied out of the stack, each dw chunk added to an accumulator.
 
-Because of that traffic, Dropless on CPU defaults to a padded layout instead (a batched einsum
-over [experts, capacity] slots plus a chunked pass over the overflow: dispatch.py, chunked_ffn.py);
-this blocked path stays for Dropless(implementation="blocked") and expert-parallel dispatch.
+Because of that traffic, Dropless on CPU without the oneMKL kernel (several devices, other dtypes)
+uses a padded layout instead (a batched einsum over [experts, capacity] slots plus a chunked pass
+over the overflow: dispatch.py, chunked_ffn.py); this blocked path stays for
+Dropless(implementation="blocked") and expert-parallel dispatch on several devices. The "cblas"
+custom call has none of that traffic: oneMKL's sgemm reads and writes each group's rows in place.
 
 Rows after sum(group_sizes) belong to no group: their output and their gradient are zero (as
 with ragged_dot).
