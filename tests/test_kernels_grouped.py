@@ -89,6 +89,10 @@ def test_bad_operands_are_refused():
     grouped_gemm(random((4, 3), 0).astype(jnp.bfloat16), random((2, 3, 4), 1), jnp.array([2, 2]))
   with pytest.raises(ValueError, match=r"group_sizes \[E\], got \(4, 3\), \(2, 3, 4\) and \(3,\)"):
     grouped_gemm(random((4, 3), 0), random((2, 3, 4), 1), jnp.array([2, 2, 0]))
+  with pytest.raises(ValueError, match=r"got \(4, 3\), \(2, 4, 4\) and \(2,\) \(transpose_w=True\)"):
+    grouped_gemm(random((4, 3), 0), random((2, 4, 4), 1), jnp.array([2, 2]), transpose_w=True)
+  with pytest.raises(ValueError, match=r"grouped_outer: expected x \[N, K\], dy \[N, F\]"):
+    grouped_outer(random((4, 3), 0), random((5, 2), 1), jnp.array([2, 2]))
 
 
 @pytest.fixture

@@ -19,12 +19,9 @@ from glam.kernels import cblas
 from glam.kernels.matmul import fits_int32
 
 
-def _check(x, w, group_sizes):
-  if x.ndim != 2 or w.ndim != 3 or group_sizes.shape != (w.shape[0],):
-    raise ValueError(f"grouped_gemm: expected x [N, K], w [E, K, F] and group_sizes [E], got {x.shape}, "
-                     f"{w.shape} and {group_sizes.shape}")
-  if x.dtype != jnp.float32 or w.dtype != jnp.float32:
-    raise ValueError(f"grouped_gemm: float32 only, got {x.dtype} and {w.dtype}")
+def _require_kernel(*operands):
+  if any(a.dtype != jnp.float32 for a in operands):
+    raise ValueError(f"grouped_gemm: float32 only, got {[str(a.dtype) for a in operands]}")
   reason = cblas.load()
   if reason is not None:
     raise ValueError(f"grouped_gemm: the kernel cannot be loaded: {reason}")
@@ -40,10 +37,11 @@ def supported(x: jax.Array, w: jax.Array) -> bool:
 
 def grouped_gemm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpose_w: bool = False) -> jax.Array:
   """x [N, K] @ w[e] ([E, K, F], or w[e]^T for [E, F, K] when transpose_w) per group -> [N, F]."""
-  _check(x, w, group_sizes)
   k_axis, f_axis = (2, 1) if transpose_w else (1, 2)
-  if x.shape[1] != w.shape[k_axis]:
-    raise ValueError(f"grouped_gemm: x {x.shape} and w {w.shape} do not multiply (transpose_w={transpose_w})")
+  if x.ndim != 2 or w.ndim != 3 or group_sizes.shape != (w.shape[0],) or x.shape[1] != w.shape[k_axis]:
+    raise ValueError(f"grouped_gemm: expected x [N, K], w [E, K, F] (or [E, F, K] when transpose_w) and "
+                     f"group_sizes [E], got {x.shape}, {w.shape} and {group_sizes.shape} (transpose_w={transpose_w})")
+  _require_kernel(x, w)
   call = jax.ffi.ffi_call(cblas.GROUPED_TARGET, jax.ShapeDtypeStruct((x.shape[0], w.shape[f_axis]), jnp.float32),
                           vmap_method="sequential")
   return call(x, w, group_sizes.astype(jnp.int32), transpose_w=np.bool_(transpose_w))  # [N, F]
@@ -51,9 +49,10 @@ def grouped_gemm(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, transpos
 
 def grouped_outer(x: jax.Array, dy: jax.Array, group_sizes: jax.Array) -> jax.Array:
   """dw[e] = x[rows of e]^T dy[rows of e]: x [N, K], dy [N, F] -> [E, K, F]."""
-  if dy.ndim != 2 or dy.shape[0] != x.shape[0]:
-    raise ValueError(f"grouped_outer: expected x [N, K] and dy [N, F], got {x.shape} and {dy.shape}")
-  _check(x, dy[None], group_sizes[:1])
+  if x.ndim != 2 or dy.ndim != 2 or dy.shape[0] != x.shape[0] or group_sizes.ndim != 1:
+    raise ValueError(f"grouped_outer: expected x [N, K], dy [N, F] and group_sizes [E], got {x.shape}, "
+                     f"{dy.shape} and {group_sizes.shape}")
+  _require_kernel(x, dy)
   shape = (group_sizes.shape[0], x.shape[1], dy.shape[1])
   call = jax.ffi.ffi_call(cblas.OUTER_TARGET, jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method="sequential")
   return call(x, dy, group_sizes.astype(jnp.int32))  # [E, K, F]
