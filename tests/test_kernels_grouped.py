@@ -167,3 +167,22 @@ def test_capacity_on_the_kernel_drops_what_the_einsums_drop(matmul_backend):
   matmul_backend("xla")
   assert_same(on_kernel, dispatch_value_and_grads(CapacityEinsum(implementation="einsum", **capacity),
                                                   x, experts, routing))
+
+
+def test_forced_onto_a_mesh_it_still_computes_the_right_values():
+  """The custom call has no sharding rule: with its rows split over the 8 simulated devices GSPMD
+  gathers the operands around it (slow, which is why "auto" never picks it there), but the
+  values and gradients stay right."""
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec
+  mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
+  x, w = random((64, 6), 10), random((4, 6, 5), 11)
+  sizes = jnp.array([16, 8, 24, 16], jnp.int32)
+  rows_split = jax.device_put(x, NamedSharding(mesh, PartitionSpec("data", None)))
+
+  def grads(fn, x):
+    return jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(fn(x, w))), argnums=(0, 1)))(x, w)
+
+  got = grads(lambda x, w: grouped_matmul(x, w, sizes), rows_split)
+  want = grads(lambda x, w: portable_grouped_matmul(x, w, sizes, implementation="blocked", block_size=8), x)
+  for g, h in zip(got, want):
+    np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-5)
