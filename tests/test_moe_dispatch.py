@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from glam.kernels import cblas
 from glam.layers.context import LayerContext
 from glam.moe.dispatch import CapacityEinsum, Dropless, capacity_slots
 from glam.moe.experts import Experts
@@ -142,7 +143,8 @@ def test_dropless_equals_capacity_when_nothing_drops(k):
   y_ref, grads_ref = forward_and_grads(CapacityEinsum(**roomy, implementation="einsum"), experts, x, routing)
   for dispatcher in (CapacityEinsum(**roomy, implementation="gather"),
                      Dropless(implementation="blocked", block_size=4), Dropless(implementation="ragged_dot"),
-                     Dropless(implementation="padded", padded_capacity_factor=0.5, overflow_chunk=3)):  # overflows
+                     Dropless(implementation="padded", padded_capacity_factor=0.5, overflow_chunk=3),  # overflows
+                     *([Dropless(implementation="cblas")] if cblas.load() is None else [])):  # the oneMKL kernel
     y, grads = forward_and_grads(dispatcher, experts, x, routing)
     np.testing.assert_allclose(y, y_ref, atol=1e-5, err_msg=str(dispatcher))
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):  # experts, x, gates

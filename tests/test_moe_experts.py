@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from glam.kernels import cblas
 from glam.layers.context import LayerContext
 from glam.moe.experts import Experts
 from glam.moe.grouped_matmul import chunk_sizes, grouped_matmul
@@ -45,7 +46,8 @@ def test_grouped_matmul_matches_per_row_reference(sizes, block, rows):
 
   want = reference_grouped_matmul(x, w, np.asarray(sizes))
   want_dx, want_dw = jax.grad(loss(lambda x, w: reference_grouped_matmul(x, w, np.asarray(sizes))), (0, 1))(x, w)
-  for implementation in ("blocked", "ragged_dot"):
+  # "cblas" (the oneMKL custom call) where the kernel builds and loads: tests/test_kernels_grouped.py
+  for implementation in ("blocked", "ragged_dot") + (("cblas",) if cblas.load() is None else ()):
     fn = lambda x, w: grouped_matmul(x, w, group_sizes, implementation=implementation, block_size=block)
     np.testing.assert_allclose(jax.jit(fn)(x, w), want, atol=1e-5, err_msg=implementation)
     dx, dw = jax.jit(jax.grad(loss(fn), (0, 1)))(x, w)
