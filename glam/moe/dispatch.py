@@ -5,8 +5,7 @@ choice: the dispatch and combine tensors [groups, tokens, experts, capacity] pla
 slots and bring the gated outputs back; assignments past capacity are dropped (the token gets
 nothing from that expert; the residual connection around the layer carries it). On CPU the kept
 assignments use Dropless's layout instead (below: sorted on oneMKL, else padded), so empty slots
-cost nothing. Expert
-choice: each expert's slots are its chosen tokens, so nothing is dropped.
+cost nothing. Expert choice: each expert's slots are its chosen tokens, so nothing is dropped.
 
 Dropless: nothing is dropped. Sorted (GPU/TPU; one CPU device with oneMKL; or "blocked"): sort the
 (token, choice) assignments by expert, run the experts' grouped matmuls on the sorted rows, unsort
@@ -215,12 +214,13 @@ class Dropless:
     times the work); "cblas" (the default on one CPU device where float32 matmuls run on oneMKL)
     is one oneMKL sgemm per expert over exactly its rows (glam/kernels/grouped.py); "blocked" the
     portable XLA loop (glam/moe/grouped_matmul.py).
-  - "padded" (the CPU default elsewhere: several devices, no kernel, other dtypes): each expert gets `capacity = ceil(padded_capacity_factor * k *
-    tokens / experts)` slots filled in token order and run as one batched einsum (as fast as a dense
-    FFN of the same FLOPs on XLA:CPU); assignments past an expert's slots go to overflow rows,
-    sorted by expert and run chunk by chunk through the whole expert FFN, which only computes the
-    rows that are there (glam/moe/chunked_ffn.py). Moving rows in and out is one gather each way (custom backward: the inverse
-    gather), never a scatter.
+  - "padded" (the CPU default elsewhere: several devices, no kernel, other dtypes): each expert
+    gets `capacity = ceil(padded_capacity_factor * k * tokens / experts)` slots filled in token
+    order and run as one batched einsum (as fast as a dense FFN of the same FLOPs on XLA:CPU);
+    assignments past an expert's slots go to overflow rows, sorted by expert and run chunk by chunk
+    through the whole expert FFN, which only computes the rows that are there
+    (glam/moe/chunked_ffn.py). Moving rows in and out is one gather each way (custom backward: the
+    inverse gather), never a scatter.
 
   Args:
     implementation: "auto" (ragged_dot on GPU/TPU, cblas where grouped_matmul's "auto" picks it,
