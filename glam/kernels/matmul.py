@@ -26,7 +26,8 @@ from glam.kernels import cblas
 
 BACKENDS = ("auto", "xla", "cblas")
 BACKEND_DESCRIPTIONS = {"xla": "XLA's own dots (matmul.backend)",
-                        "cblas": "the CBLAS sgemm custom call, oneMKL unless GLAM_CBLAS_LIBRARY (matmul.backend)"}
+                        "cblas": "the CBLAS sgemm custom call, oneMKL unless GLAM_CBLAS_LIBRARY, the experts' "
+                                 "grouped matmul included (matmul.backend)"}
 
 
 @gin.configurable("matmul")

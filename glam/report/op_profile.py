@@ -68,7 +68,7 @@ def phase_of(op_name: str) -> str:
 def kind_of(name: str, fused_computations: dict[str, str] | None = None, calls: str = "") -> str:
   """The kind of op `name` (an HLO instruction name such as "bitcast_dynamic-update-slice_fusion.4")."""
   base = re.sub(r"\.\d+$", "", name)
-  if base.startswith(("dot", "convolution", "ffi_call")):  # glam's only custom call is oneMKL's sgemm
+  if base.startswith(("dot", "convolution", "ffi_call")):  # glam's custom calls are all sgemms (glam/kernels)
     return "matmul"
   if base.startswith("ynn_fusion"):  # YNNPACK fusions hold a dot (or a reduction)
     body = (fused_computations or {}).get(calls, "")
