@@ -11,6 +11,7 @@ from glam.moe.chunked_ffn import chunked_ffn
 from glam.moe.dispatch import Dropless, padded_dropless_maps
 from glam.moe.experts import Experts
 from glam.moe.routers import TokenChoiceRouting
+from glam.moe.row_maps import sort_by_expert
 
 CTX = LayerContext(mask=None, query_positions=None, key_positions=None)
 D_MODEL, D_FF = 8, 16
@@ -113,3 +114,12 @@ def test_auto_is_padded_on_cpu_and_ragged_dot_on_accelerators():
   want = "ragged_dot" if jax.default_backend() in ("gpu", "tpu") else "padded"
   assert Dropless().resolved_implementation() == want
   assert Dropless(implementation="blocked").resolved_implementation() == "blocked"
+
+
+@pytest.mark.parametrize("assignments,num_experts", [(37, 5), (1, 1), (65536, 40000)])  # last: keys past int32
+def test_sort_by_expert_is_a_stable_sort_by_expert_with_unrouted_last(assignments, num_experts):
+  expert = np.random.default_rng(assignments).integers(0, num_experts + 1, assignments).astype(np.int32)
+  order, inverse, sizes = jax.jit(sort_by_expert, static_argnums=1)(jnp.asarray(expert), num_experts)
+  np.testing.assert_array_equal(order, np.argsort(expert, kind="stable"))
+  np.testing.assert_array_equal(inverse[order], np.arange(assignments))
+  np.testing.assert_array_equal(sizes, np.bincount(expert, minlength=num_experts + 1)[:num_experts])

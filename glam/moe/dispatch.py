@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from glam.moe.capacity_gather import gather_every_slot, gather_padded
 from glam.moe.grouped_matmul import IMPLEMENTATIONS, resolve_implementation
 from glam.moe.routers import ExpertChoiceRouting, TokenChoiceRouting
-from glam.moe.row_maps import _take, capacity_slots, to_assignments, to_expert_rows
+from glam.moe.row_maps import _take, capacity_slots, sort_by_expert, to_assignments, to_expert_rows
 from glam.parallel.mesh import batch_shards
 
 CAPACITY_IMPLEMENTATIONS = ("auto", "einsum", "gather")
@@ -170,12 +170,11 @@ def padded_dropless_maps(expert: jax.Array, num_experts: int, capacity: int, ove
   expert; the first `capacity` of each expert fill its slots (row expert * capacity + position), the
   rest go to the overflow rows (row experts * capacity + j), which are sorted by expert.
   Returns (row_assignment [rows], assignment_row [assignments], sizes [experts], overflow_sizes
-  [experts]); map entries out of range mean "none". Built from a sort and gathers only (scatters are slow on XLA:CPU).
+  [experts]); map entries out of range mean "none". Built from one sort, gathers and a scatter of int32
+  indices (scatters of rows are what is slow on XLA:CPU).
   """
   assignments = expert.shape[0]
-  order = jnp.argsort(expert, stable=True).astype(jnp.int32)  # sorted position -> assignment
-  inverse = jnp.argsort(order).astype(jnp.int32)  # assignment -> sorted position
-  sizes = jnp.sum(jax.nn.one_hot(expert, num_experts, dtype=jnp.int32), axis=0)  # [experts]
+  order, inverse, sizes = sort_by_expert(expert, num_experts)  # [assignments], [assignments], [experts]
   starts = jnp.cumsum(sizes) - sizes
   overflow_sizes = jnp.maximum(sizes - capacity, 0)
   overflow_ends = jnp.cumsum(overflow_sizes)
@@ -297,10 +296,7 @@ class Dropless:
     return to_assignments(out, row_assignment, assignment_row), sizes
 
   def _sorted(self, x_tokens, expert, k, experts, ctx):
-    num_experts, assignments = experts.num_experts, expert.shape[0]
-    order = jnp.argsort(expert, stable=True).astype(jnp.int32)  # sorted row -> assignment (token-major)
-    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(assignments, dtype=jnp.int32), unique_indices=True)
-    group_sizes = jnp.sum(jax.nn.one_hot(expert, num_experts, dtype=jnp.int32), axis=0)  # [experts]
+    order, inverse, group_sizes = sort_by_expert(expert, experts.num_experts)  # sorted row <-> assignment
     rows = to_expert_rows(x_tokens, order, inverse, k)  # [assignments, d_model]
     out = experts.grouped(rows, group_sizes, ctx, implementation=self.implementation, block_size=self.block_size)
     return to_assignments(out, order, inverse), group_sizes

@@ -40,6 +40,7 @@ from glam.moe.dispatch import CapacityEinsum, Dropless, capacity_slots, to_assig
 from glam.moe.experts import DROPOUT_SALT
 from glam.moe.grouped_matmul import IMPLEMENTATIONS, grouped_matmul
 from glam.moe.routers import ExpertChoiceRouting, TokenChoiceRouting
+from glam.moe.row_maps import sort_by_expert
 from glam.parallel.mesh import BATCH_AXES, current_mesh
 
 EXPERT_AXIS = "expert"
@@ -269,8 +270,7 @@ class ExpertParallel:
       expert = jnp.where(gates > 0, inputs["expert_index"].reshape(assignments), num_experts)  # unrouted: last
       # Sorting by expert groups the assignments by destination device (experts are split in
       # contiguous blocks); an assignment's row is destination * bound + its rank there.
-      order = jnp.argsort(expert, stable=True).astype(jnp.int32)  # sorted position -> assignment
-      sent = jnp.sum(jax.nn.one_hot(expert, num_experts, dtype=jnp.int32), axis=0)  # [E]: unrouted count nowhere
+      order, _, sent = sort_by_expert(expert, num_experts)  # sorted position -> assignment; [E] (unrouted: none)
       per_device_sent = jnp.sum(sent.reshape(shards, local_experts), axis=1)  # [shards]
       device_start = jnp.cumsum(per_device_sent) - per_device_sent
       destination = jnp.take(expert, order) // local_experts  # [assignments], shards when unrouted
@@ -286,10 +286,7 @@ class ExpertParallel:
       arrived_expert = jax.lax.all_to_all(row_expert.reshape(shards, bound), EXPERT_AXIS, 0, 0, tiled=True)
       # [shards (sources), bound, d_model]: sort the rows by local expert for the grouped matmul.
       arrived_expert = arrived_expert.reshape(send_rows)
-      by_expert = jnp.argsort(arrived_expert, stable=True).astype(jnp.int32)  # sorted row -> arrived row
-      arrival = jnp.zeros_like(by_expert).at[by_expert].set(jnp.arange(send_rows, dtype=jnp.int32),
-                                                             unique_indices=True)
-      group_sizes = jnp.sum(jax.nn.one_hot(arrived_expert, local_experts, dtype=jnp.int32), axis=0)  # [E_local]
+      by_expert, arrival, group_sizes = sort_by_expert(arrived_expert, local_experts)  # sorted <-> arrived row
       rows = to_expert_rows(arrived.reshape(send_rows, d_model), by_expert, arrival, 1)  # [send_rows, d_model]
 
       def matmul(rows, w):

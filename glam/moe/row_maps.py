@@ -38,6 +38,27 @@ def capacity_slots(routing: TokenChoiceRouting, num_experts: int, capacity: int)
   return position, active, active & (position < capacity)
 
 
+def sort_by_expert(expert: jax.Array, num_experts: int):
+  """Assignments in expert order, token order within each expert (a stable sort by expert).
+
+  expert [assignments] int32 in [0, num_experts] (num_experts: not routed, sorted last). Returns
+  (order [assignments]: sorted position -> assignment, inverse: assignment -> sorted position,
+  sizes [num_experts]: assignments per expert, the unrouted left out).
+  Why not argsort: XLA:CPU's stable argsort of 8,192 ids took 1.26 ms, sorting the unique int32
+  keys expert * assignments + assignment 0.37 ms, and inverting the order by argsort 0.74 ms
+  against 0.03 ms for a scatter of int32 indices (scratch timing, 32 experts, 2026-11-25 18:50 UTC).
+  """
+  assignments = expert.shape[0]
+  position = jnp.arange(assignments, dtype=jnp.int32)
+  if assignments * (num_experts + 1) <= jnp.iinfo(jnp.int32).max:  # the keys fit in int32
+    order = jnp.sort(expert.astype(jnp.int32) * assignments + position) % assignments
+  else:
+    order = jnp.argsort(expert, stable=True).astype(jnp.int32)
+  inverse = jnp.zeros_like(order).at[order].set(position, unique_indices=True)
+  sizes = jnp.bincount(expert, length=num_experts + 1)[:num_experts].astype(jnp.int32)
+  return order, inverse, sizes
+
+
 def _take(values: jax.Array, index: jax.Array) -> jax.Array:
   return jnp.take(values, index, axis=0, mode="fill", fill_value=0)
 
