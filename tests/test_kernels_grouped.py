@@ -1,4 +1,4 @@
-"""The grouped oneMKL matmul (glam/kernels/grouped.py): products, gradients, and the dispatchers on it."""
+"""The grouped CBLAS matmul (glam/kernels/grouped.py): products, gradients, and the dispatchers on it."""
 import platform
 import shutil
 import sys

@@ -1,15 +1,32 @@
 """Builds and registers cblas_gemm.cc: XLA:CPU float32 matmuls run by a CBLAS library's sgemm.
 
-The library is oneMKL from the `mkl` wheel (`pip install 'glam[mkl]'`, which `make install` does),
-or any shared library exporting `cblas_sgemm` named by GLAM_CBLAS_LIBRARY. The custom call is
-compiled on first use with the C++ compiler (CXX, else c++) against the FFI headers that ship with
-jaxlib, into GLAM_KERNEL_CACHE (default ~/.cache/glam/kernels), keyed by the source, jaxlib's
-version and the compiler, and written atomically: a second process finds it built.
+Which library: GLAM_CBLAS_LIBRARY (any shared library exporting `cblas_sgemm`, or OpenBLAS's
+`scipy_cblas_sgemm`), else the first installed of
+- oneMKL (the `mkl` wheel: `pip install 'glam[mkl]'`, which `make install` does), first on Intel CPUs;
+- OpenBLAS (the `scipy-openblas32` wheel, a dependency of glam), first on every other CPU.
+DECISION: by CPU vendor, because oneMKL takes its generic code path on CPUs it does not take for
+Intel's: on an AMD EPYC with AVX-512 (family 26, 2026-12-07) oneMKL's sgemm ran 2048^3 at 0.17-0.18
+TFLOP/s against 0.35-0.36 for XLA's own dot, and its batched sgemm of 32 experts' 256^3 matmuls
+at 0.17 against 0.36 for OpenBLAS's (scratch timings, /tmp/s18). On the Intel machine of the earlier
+measurements oneMKL was 12-17% faster than XLA's dots (glam/kernels/matmul.py).
+
+OpenBLAS picks its kernels for the CPU it finds, unless OPENBLAS_CORETYPE names them. Some machine
+images set that variable system-wide (OPENBLAS_CORETYPE=Haswell on the AMD machine above, where
+OpenBLAS's own choice, SkylakeX, ran 2048^3 at 0.42 TFLOP/s on two cores against about 0.21 for
+Haswell's kernels), so glam's copy of OpenBLAS, which no other code in the process uses, chooses
+its own kernels: GLAM_OPENBLAS_CORETYPE names them (an OpenBLAS core name), else OpenBLAS detects
+the CPU, whatever OPENBLAS_CORETYPE says.
+
+The custom call is compiled on first use with the C++ compiler (CXX, else c++) against the FFI
+headers that ship with jaxlib, into GLAM_KERNEL_CACHE (default ~/.cache/glam/kernels), keyed by the
+source, jaxlib's version and the compiler, and written atomically: a second process finds it built.
 
 `load()` never raises: it returns None when the kernel is ready, else why it is not, so that
 callers can fall back to XLA's own dots.
 """
+import contextlib
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import importlib.metadata
@@ -26,6 +43,37 @@ TARGET = "glam_cblas_gemm"
 GROUPED_TARGET = "glam_cblas_grouped_gemm"  # y[rows of e] = x[rows of e] @ op(w[e])
 OUTER_TARGET = "glam_cblas_grouped_outer"  # dw[e] = x[rows of e]^T dy[rows of e]
 SOURCE = pathlib.Path(__file__).with_name("cblas_gemm.cc")
+SYMBOL_PREFIXES = ("", "scipy_")  # OpenBLAS as scipy-openblas32 ships it prefixes every symbol
+
+
+@dataclasses.dataclass(frozen=True)
+class Library:
+  name: str  # "oneMKL", "OpenBLAS" or "GLAM_CBLAS_LIBRARY"
+  path: str
+  kernels: str = ""  # OpenBLAS's core name once loaded ("SkylakeX", "Haswell", ...)
+
+  def describe(self) -> str:
+    return f"{self.name}{f' ({self.kernels} kernels)' if self.kernels else ''}, {self.path}"
+
+
+@functools.cache
+def cpu_info(path: str = "/proc/cpuinfo") -> tuple[str, frozenset]:
+  """(vendor id, instruction-set flags) of the first CPU; ("", {}) where there is no /proc/cpuinfo."""
+  vendor, flags = "", frozenset()
+  try:
+    with open(path) as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "vendor_id" and not vendor:
+          vendor = value.strip()
+        elif key == "flags" and not flags:
+          flags = frozenset(value.split())
+        if vendor and flags:
+          break
+  except OSError:
+    pass
+  return vendor, flags
 
 
 def cache_dir() -> pathlib.Path:
@@ -35,19 +83,31 @@ def cache_dir() -> pathlib.Path:
   return pathlib.Path(base) / "glam" / "kernels"
 
 
-def find_cblas_library() -> str:
-  """GLAM_CBLAS_LIBRARY, else libmkl_rt from the installed `mkl` distribution."""
-  if os.environ.get("GLAM_CBLAS_LIBRARY"):
-    return os.environ["GLAM_CBLAS_LIBRARY"]
+def _installed(distribution: str, file_prefix: str) -> str | None:
+  """The path of the distribution's first file named file_prefix*, None if not installed."""
   try:
-    files = importlib.metadata.distribution("mkl").files or []
+    files = importlib.metadata.distribution(distribution).files or []
   except importlib.metadata.PackageNotFoundError:
-    raise FileNotFoundError("the `mkl` package is not installed (pip install 'glam[mkl]') and "
-                            "GLAM_CBLAS_LIBRARY is not set") from None
+    return None
   for file in files:
-    if file.name.startswith("libmkl_rt.so"):
+    if file.name.startswith(file_prefix):
       return str(file.locate())
-  raise FileNotFoundError("the `mkl` package has no libmkl_rt.so")
+  return None
+
+
+def find_cblas_library(vendor: str | None = None) -> Library:
+  """GLAM_CBLAS_LIBRARY, else oneMKL or OpenBLAS, whichever is installed, in the vendor's order."""
+  if os.environ.get("GLAM_CBLAS_LIBRARY"):
+    return Library("GLAM_CBLAS_LIBRARY", os.environ["GLAM_CBLAS_LIBRARY"])
+  candidates = [("oneMKL", "mkl", "libmkl_rt.so"), ("OpenBLAS", "scipy-openblas32", "libscipy_openblas")]
+  if (cpu_info()[0] if vendor is None else vendor) != "GenuineIntel":
+    candidates.reverse()
+  for name, distribution, file_prefix in candidates:
+    path = _installed(distribution, file_prefix)
+    if path is not None:
+      return Library(name, path)
+  raise FileNotFoundError("neither oneMKL (pip install 'glam[mkl]') nor OpenBLAS (pip install scipy-openblas32) is "
+                          "installed, and GLAM_CBLAS_LIBRARY is not set")
 
 
 def build() -> pathlib.Path:
@@ -72,19 +132,49 @@ def build() -> pathlib.Path:
   return target
 
 
-@functools.cache
-def load() -> str | None:
-  """Registers the custom call once per process. None when ready, else the reason it is not."""
+def _symbol(library: ctypes.CDLL, name: str, required: bool = True):
+  for prefix in SYMBOL_PREFIXES:
+    if hasattr(library, prefix + name):
+      return ctypes.cast(getattr(library, prefix + name), ctypes.c_void_p)
+  if required:
+    raise AttributeError(f"{library._name} exports no {name} (nor {', '.join(p + name for p in SYMBOL_PREFIXES[1:])})")
+  return None
+
+
+def _prepare_environment():
+  """Library settings read when the library starts, so set before it loads (never overriding the user's)."""
   # oneMKL's OpenMP threads spin for 200 ms after each sgemm by default (KMP_BLOCKTIME), taking
   # the cores from the XLA ops between matmuls: the race's step took 1.64 s with the spinning,
   # 1.35 s without, 1.53 s on XLA's dots (scratch A/B, 2026-11-25 13:52 UTC). Read at OpenMP's start.
   os.environ.setdefault("KMP_BLOCKTIME", "0")
+
+
+@contextlib.contextmanager
+def _openblas_coretype():
+  """OPENBLAS_CORETYPE as GLAM_OPENBLAS_CORETYPE says (unset: OpenBLAS detects the CPU) while the
+  library loads, the caller's value afterwards: OpenBLAS reads it once, when it starts."""
+  saved = os.environ.pop("OPENBLAS_CORETYPE", None)
+  if os.environ.get("GLAM_OPENBLAS_CORETYPE"):
+    os.environ["OPENBLAS_CORETYPE"] = os.environ["GLAM_OPENBLAS_CORETYPE"]
   try:
-    cblas = ctypes.CDLL(find_cblas_library(), mode=ctypes.RTLD_GLOBAL)
-    sgemm = ctypes.cast(cblas.cblas_sgemm, ctypes.c_void_p)
-    # oneMKL's batched sgemm, when the library has one (not in the CBLAS standard)
-    batched, grouped = ((ctypes.cast(getattr(cblas, name), ctypes.c_void_p) if hasattr(cblas, name) else None)
-                        for name in ("cblas_sgemm_batch_strided", "cblas_sgemm_batch"))
+    yield
+  finally:
+    os.environ.pop("OPENBLAS_CORETYPE", None)
+    if saved is not None:
+      os.environ["OPENBLAS_CORETYPE"] = saved
+
+
+@functools.cache
+def loaded_library() -> Library | str:
+  """Registers the custom call once per process: the Library it runs on, else why it cannot load."""
+  _prepare_environment()
+  try:
+    library = find_cblas_library()
+    with _openblas_coretype():
+      cblas = ctypes.CDLL(library.path, mode=ctypes.RTLD_GLOBAL)
+    sgemm = _symbol(cblas, "cblas_sgemm")
+    # the batched sgemms of oneMKL and OpenBLAS >= 0.3.29 (not in the CBLAS standard)
+    batched, grouped = (_symbol(cblas, name, required=False) for name in ("cblas_sgemm_batch_strided", "cblas_sgemm_batch"))
     kernel = ctypes.CDLL(str(build()))
   except (OSError, RuntimeError, AttributeError) as error:  # FileNotFoundError is an OSError
     return str(error)
@@ -93,4 +183,13 @@ def load() -> str | None:
   for target, handler in ((TARGET, kernel.GlamCblasGemm), (GROUPED_TARGET, kernel.GlamCblasGroupedGemm),
                           (OUTER_TARGET, kernel.GlamCblasGroupedOuter)):
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
-  return None
+  core_name = _symbol(cblas, "openblas_get_corename", required=False)
+  if core_name is not None:
+    library = dataclasses.replace(library, kernels=ctypes.CFUNCTYPE(ctypes.c_char_p)(core_name.value)().decode())
+  return library
+
+
+def load() -> str | None:
+  """None when the kernel is ready, else the reason it is not."""
+  library = loaded_library()
+  return library if isinstance(library, str) else None

@@ -1,4 +1,5 @@
-"""Matmuls that run on oneMKL's sgemm on a single CPU device, and as XLA dots everywhere else.
+"""Matmuls that run on a CBLAS library's sgemm (oneMKL on Intel CPUs) on a single CPU device, and as
+XLA dots everywhere else.
 
     matmul(a, b)                    a [M, K] @ b [K, N]  or batched  a [B, M, K] @ b [B, K, N]
     matmul(a, b, transpose_b=True)  a [M, K] @ b[N, K]^T (the logits against an embedding table)
@@ -6,14 +7,19 @@
 `matmul.backend` (gin) picks how:
 - "xla": jnp.matmul, XLA's own dot;
 - "cblas": the custom call of cblas_gemm.cc, forward and backward (da = g b^T, db = a^T g, each
-  one sgemm); float32 only, other dtypes stay on XLA; an error if the kernel cannot be loaded;
-- "auto" (default): "cblas" when the kernel loads, JAX's default backend is the CPU and there is
-  one device; "xla" otherwise. One device, because the custom call has no sharding rule for GSPMD
-  to partition it by; forcing "cblas" on a mesh of several devices is untested.
+  one sgemm), on the library glam/kernels/cblas.py finds; float32 only, other dtypes stay on XLA;
+  an error if the kernel cannot be loaded;
+- "auto" (default): "cblas" when JAX's default backend is the CPU, there is one device, the CPU is
+  Intel's and the kernel loads on oneMKL; "xla" otherwise. One device, because the custom call has
+  no sharding rule for GSPMD to partition it by; forcing "cblas" on a mesh of several devices is
+  untested.
 
-Why: at the race's shapes oneMKL's sgemm took 12-17% less time than XLA:CPU's dots for the
-logits' gradients and the experts' batched matmuls (scratch, 2026-11-25 13:45 UTC), and matmuls
-are about 70% of a train step.
+Why: on an Intel CPU at the race's shapes oneMKL's sgemm took 12-17% less time than XLA:CPU's dots
+for the logits' gradients and the experts' batched matmuls (scratch, 2026-11-25 13:45 UTC), and
+matmuls are about 70% of a train step. Elsewhere XLA's dots are the faster: on an AMD EPYC with
+AVX-512 (2026-12-07) XLA ran a 2048^3 float32 matmul at 0.35-0.36 TFLOP/s, oneMKL at 0.17-0.18 and
+OpenBLAS at about 0.21 (the grouped matmul of the experts still runs on OpenBLAS there:
+glam/moe/grouped_matmul.py).
 """
 import functools
 
@@ -25,9 +31,6 @@ import numpy as np
 from glam.kernels import cblas
 
 BACKENDS = ("auto", "xla", "cblas")
-BACKEND_DESCRIPTIONS = {"xla": "XLA's own dots (matmul.backend)",
-                        "cblas": "the CBLAS sgemm custom call, oneMKL unless GLAM_CBLAS_LIBRARY, the experts' "
-                                 "grouped matmul included (matmul.backend)"}
 
 
 @gin.configurable("matmul")
@@ -37,14 +40,31 @@ def resolve_backend(dtype=jnp.float32, backend: str = "auto") -> str:
     raise ValueError(f"matmul.backend={backend!r}: expected one of {list(BACKENDS)}")
   if backend == "xla" or jnp.dtype(dtype) != jnp.float32:
     return "xla"
-  if backend == "auto" and (jax.default_backend() != "cpu" or jax.device_count() != 1):
-    return "xla"
+  if backend == "auto":
+    return "cblas" if auto_picks_cblas() else "xla"
   reason = cblas.load()
-  if reason is None:
-    return "cblas"
-  if backend == "cblas":
+  if reason is not None:
     raise ValueError(f"matmul.backend='cblas': the kernel cannot be loaded: {reason}")
-  return "xla"
+  return "cblas"
+
+
+def auto_picks_cblas() -> bool:
+  """One CPU device and the kernel loaded, on a library that is fast on this CPU: not oneMKL on a
+  CPU that is not Intel's, where it takes its generic code path (module docstring)."""
+  if jax.default_backend() != "cpu" or jax.device_count() != 1:
+    return False
+  library = cblas.loaded_library()
+  if isinstance(library, str):
+    return False
+  return library.name != "oneMKL" or cblas.cpu_info()[0] == "GenuineIntel"
+
+
+def describe_backend(dtype=jnp.float32) -> str:
+  """What `glam train` prints: where matmuls of `dtype` run."""
+  if resolve_backend(dtype) == "xla":
+    return "XLA's own dots (matmul.backend)"
+  return (f"{cblas.loaded_library().describe()} through glam's sgemm custom call, the experts' grouped "
+          "matmul included (matmul.backend)")
 
 
 # The kernel passes sizes, leading dimensions and strides as CBLAS's 32-bit ints (oneMKL's LP64

@@ -20,7 +20,7 @@ from glam.data.pipeline import LmPipeline, eval_batches
 from glam.data.sources import source_from_spec
 from glam.data.synthetic import SyntheticCorpus
 from glam.data.vocab import get_vocabulary
-from glam.kernels.matmul import BACKEND_DESCRIPTIONS, resolve_backend
+from glam.kernels.matmul import describe_backend
 from glam.models.lm import DecoderLM
 from glam.models.summary import abstract_model, count_parameters, flops_per_token
 from glam.train.checkpoint import Checkpointer
@@ -156,7 +156,7 @@ def train(model_dir: str, *, num_steps: int = 1000, batch_size: int = 16, seq_le
   mesh = make_mesh()
   check_batch_divides(batch_size, mesh)
   if process_index == 0:
-    print(f"glam: float32 matmuls on {BACKEND_DESCRIPTIONS[resolve_backend(jnp.float32)]}", file=sys.stderr)
+    print(f"glam: float32 matmuls on {describe_backend(jnp.float32)}", file=sys.stderr)
   shardings = train_state_shardings(state, model_info, mesh)
   state = place_state(state, shardings)
   eval_set = [global_batch(b, mesh, process_local=False) for b in eval_set]
