@@ -35,3 +35,16 @@ def clean_gin_config():
   gin.clear_config()
   yield
   gin.clear_config()
+
+
+@pytest.fixture
+def matmul_backend():
+  """bind(backend) sets matmul.backend ("auto", "xla" or "cblas": which matmuls and grouped matmuls
+  run on glam's CBLAS kernels) on a fresh gin config."""
+  import gin
+
+  def bind(backend):
+    gin.clear_config()
+    gin.bind_parameter("matmul.backend", backend)
+  yield bind
+  gin.clear_config()

@@ -3,7 +3,6 @@ import platform
 import shutil
 import sys
 
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,15 +92,6 @@ def test_bad_operands_are_refused():
     grouped_gemm(random((4, 3), 0), random((2, 4, 4), 1), jnp.array([2, 2]), transpose_w=True)
   with pytest.raises(ValueError, match=r"grouped_outer: expected x \[N, K\], dy \[N, F\]"):
     grouped_outer(random((4, 3), 0), random((5, 2), 1), jnp.array([2, 2]))
-
-
-@pytest.fixture
-def matmul_backend():
-  def bind(backend):
-    gin.clear_config()
-    gin.bind_parameter("matmul.backend", backend)
-  yield bind
-  gin.clear_config()
 
 
 def test_who_runs_on_the_kernel(matmul_backend):

@@ -103,8 +103,8 @@ def test_the_build_is_cached_and_a_failed_compile_says_why(tmp_path, monkeypatch
   assert cblas.build() == built and built.stat().st_mtime_ns == stamp  # not rebuilt
   broken = tmp_path / "broken.cc"
   broken.write_text("this is not C++\n")
-  monkeypatch.setattr(cblas, "SOURCE", broken)
-  with pytest.raises(RuntimeError, match="broken.cc failed"):
+  monkeypatch.setattr(cblas, "SOURCES", [*cblas.SOURCES, broken])
+  with pytest.raises(RuntimeError, match=r"compiling cblas_gemm.cc expert_ffn.cc cblas_common.h broken.cc failed"):
     cblas.build()
   assert list(cache.iterdir()) == [built]  # nothing half-written left behind
 

@@ -42,7 +42,10 @@ import jaxlib
 TARGET = "glam_cblas_gemm"
 GROUPED_TARGET = "glam_cblas_grouped_gemm"  # y[rows of e] = x[rows of e] @ op(w[e])
 OUTER_TARGET = "glam_cblas_grouped_outer"  # dw[e] = x[rows of e]^T dy[rows of e]
-SOURCE = pathlib.Path(__file__).with_name("cblas_gemm.cc")
+# expert_ffn: the experts' whole FFN, forward and backward, on rows sorted by expert (gated or not)
+EXPERT_FFN_TARGETS = {(gated, backward): f"glam_expert_ffn{'_gated' if gated else ''}{'_bwd' if backward else ''}"
+                      for gated in (False, True) for backward in (False, True)}
+SOURCES = [pathlib.Path(__file__).with_name(name) for name in ("cblas_gemm.cc", "expert_ffn.cc", "cblas_common.h")]
 SYMBOL_PREFIXES = ("", "scipy_")  # OpenBLAS as scipy-openblas32 ships it prefixes every symbol
 
 
@@ -115,7 +118,7 @@ def build() -> pathlib.Path:
   compiler = os.environ.get("CXX", "c++")
   if shutil.which(compiler) is None:
     raise FileNotFoundError(f"no C++ compiler {compiler!r} on PATH (set CXX)")
-  source = SOURCE.read_bytes()
+  source = b"".join(path.read_bytes() for path in SOURCES)
   key = hashlib.sha256(source + jaxlib.__version__.encode() + compiler.encode()).hexdigest()[:16]
   target = cache_dir() / f"cblas_gemm-{key}.so"
   if target.exists():
@@ -123,11 +126,15 @@ def build() -> pathlib.Path:
   target.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
     built = pathlib.Path(tmp) / target.name
-    command = [compiler, "-O2", "-shared", "-fPIC", "-std=c++17", "-w", f"-I{jax.ffi.include_dir()}",
-               str(SOURCE), "-o", str(built)]
+    # -fno-trapping-math lets the compiler vectorize expert_ffn.cc's activations, whose clamps are
+    # float comparisons (nothing here reads floating-point exception flags or errno)
+    command = [compiler, "-O3", "-fno-trapping-math", "-fno-math-errno", "-shared", "-fPIC", "-std=c++17", "-pthread",
+               "-w", f"-I{jax.ffi.include_dir()}",
+               *[str(path) for path in SOURCES if path.suffix == ".cc"], "-o", str(built)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
-      raise RuntimeError(f"compiling {SOURCE} failed ({' '.join(command)}):\n{done.stderr[-2000:]}")
+      raise RuntimeError(f"compiling {' '.join(p.name for p in SOURCES)} failed ({' '.join(command)}):\n"
+                         f"{done.stderr[-2000:]}")
     os.replace(built, target)  # atomic: a reader sees no file or the whole file
   return target
 
@@ -180,8 +187,12 @@ def loaded_library() -> Library | str:
     return str(error)
   kernel.glam_set_sgemm.argtypes = [ctypes.c_void_p] * 3
   kernel.glam_set_sgemm(sgemm, batched, grouped)
-  for target, handler in ((TARGET, kernel.GlamCblasGemm), (GROUPED_TARGET, kernel.GlamCblasGroupedGemm),
-                          (OUTER_TARGET, kernel.GlamCblasGroupedOuter)):
+  handlers = {TARGET: kernel.GlamCblasGemm, GROUPED_TARGET: kernel.GlamCblasGroupedGemm,
+              OUTER_TARGET: kernel.GlamCblasGroupedOuter,
+              EXPERT_FFN_TARGETS[False, False]: kernel.GlamExpertFfn, EXPERT_FFN_TARGETS[True, False]: kernel.GlamExpertFfnGated,
+              EXPERT_FFN_TARGETS[False, True]: kernel.GlamExpertFfnBwd,
+              EXPERT_FFN_TARGETS[True, True]: kernel.GlamExpertFfnGatedBwd}
+  for target, handler in handlers.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
   core_name = _symbol(cblas, "openblas_get_corename", required=False)
   if core_name is not None:

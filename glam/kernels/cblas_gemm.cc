@@ -1,10 +1,11 @@
-// An XLA:CPU custom call (XLA FFI) that runs float32 matmuls through a CBLAS sgemm (oneMKL's).
+// An XLA:CPU custom call (XLA FFI) that runs float32 matmuls through a CBLAS sgemm (oneMKL's on
+// Intel CPUs, OpenBLAS's elsewhere: glam/kernels/cblas.py).
 //
-// At the train step's shapes XLA:CPU's own dots (YNNPACK, Eigen) take 10-25% longer than oneMKL's
-// sgemm on the same machine (README, "Train step against Hugging Face Mixtral"), and matmuls are
-// most of the step. The sgemm is not linked here: glam/kernels/cblas.py loads a CBLAS library and
-// hands its cblas_sgemm to glam_set_sgemm, so this file builds with nothing but the FFI headers
-// that ship with jaxlib.
+// At the train step's shapes XLA:CPU's own dots (YNNPACK, Eigen) took 10-25% longer than oneMKL's
+// sgemm on an Intel machine, and 5-18% longer than OpenBLAS's on an AMD one (README, "CBLAS
+// matmuls"), and matmuls are most of the step. The sgemm is not linked here: cblas.py loads the
+// library and hands its entry points to glam_set_sgemm, so this file builds with nothing but the
+// FFI headers that ship with jaxlib.
 //
 //   c[i] = op(a[i]) @ op(b[i])  for i < batch, op = identity or transpose (attributes)
 //   a: [batch, M, K] (or [batch, K, M] when transpose_a), b: [batch, K, N] (or [batch, N, K]),
@@ -22,33 +23,19 @@
 #include <cstring>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
+#include "cblas_common.h"
 
-namespace ffi = xla::ffi;
+namespace glam {
 
-namespace {
-
-// cblas_sgemm(layout, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
-using Sgemm = void (*)(int, int, int, int, int, int, float, const float*, int, const float*, int,
-                       float, float*, int);
-// cblas_sgemm_batch_strided(layout, trans_a, trans_b, m, n, k, alpha, a, lda, stride_a, b, ldb,
-// stride_b, beta, c, ldc, stride_c, batch): oneMKL's, optional; 4-6% faster than a loop of sgemm
-// calls on the experts' [8, 544, 512] x [8, 512, 1024] (scratch, 2026-11-25 15:22 UTC).
-using SgemmBatchStrided = void (*)(int, int, int, int, int, int, float, const float*, int, int,
-                                   const float*, int, int, float, float*, int, int, int);
-// cblas_sgemm_batch(layout, trans_a[], trans_b[], m[], n[], k[], alpha[], a[], lda[], b[], ldb[],
-// beta[], c[], ldc[], group_count, group_size[]): oneMKL's, optional; the grouped matmul hands it
-// every expert at once, so the library spreads small experts' sgemms over the threads instead of
-// splitting each one (the sizes are MKL_INT: 32-bit in the LP64 interface that libmkl_rt defaults to).
-using SgemmBatch = void (*)(int, const int*, const int*, const int*, const int*, const int*,
-                            const float*, const float**, const int*, const float**, const int*,
-                            const float*, float**, const int*, int, const int*);
 Sgemm g_sgemm = nullptr;
 SgemmBatchStrided g_sgemm_batch_strided = nullptr;
 SgemmBatch g_sgemm_batch = nullptr;
 
-using Stack = ffi::Buffer<ffi::F32, 3>;  // [batch, rows, cols]
-constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;  // the CBLAS enum values
+}  // namespace glam
+
+namespace {
+
+using namespace glam;  // NOLINT: this file's kernels are glam's
 
 ffi::Error Gemm(Stack a, Stack b, ffi::Result<Stack> c, bool transpose_a, bool transpose_b) {
   if (g_sgemm == nullptr) return ffi::Error::Internal("glam_cblas_gemm: no sgemm was set");
@@ -78,53 +65,6 @@ ffi::Error Gemm(Stack a, Stack b, ffi::Result<Stack> c, bool transpose_a, bool t
             static_cast<int>(bd[2]), 0.0f, cp + i * m * n, static_cast<int>(n));
   }
   return ffi::Error::Success();
-}
-
-// The sgemms of one grouped call, run in one cblas_sgemm_batch call when the library has it.
-struct SgemmList {
-  std::vector<int> trans_a, trans_b, m, n, k, lda, ldb, ldc, ones;
-  std::vector<float> alpha, beta;
-  std::vector<const float*> a, b;
-  std::vector<float*> c;
-
-  void Add(int ta, int tb, int64_t rows, int64_t cols, int64_t depth, const float* ap, int64_t la,
-           const float* bp, int64_t lb, float* cp, int64_t lc) {
-    trans_a.push_back(ta), trans_b.push_back(tb), m.push_back(static_cast<int>(rows));
-    n.push_back(static_cast<int>(cols)), k.push_back(static_cast<int>(depth));
-    a.push_back(ap), lda.push_back(static_cast<int>(la)), b.push_back(bp);
-    ldb.push_back(static_cast<int>(lb)), c.push_back(cp), ldc.push_back(static_cast<int>(lc));
-    alpha.push_back(1.0f), beta.push_back(0.0f), ones.push_back(1);
-  }
-
-  void Run() {
-    if (g_sgemm_batch != nullptr && m.size() > 1) {
-      g_sgemm_batch(kRowMajor, trans_a.data(), trans_b.data(), m.data(), n.data(), k.data(),
-                    alpha.data(), a.data(), lda.data(), b.data(), ldb.data(), beta.data(), c.data(),
-                    ldc.data(), static_cast<int>(m.size()), ones.data());
-      return;
-    }
-    for (size_t i = 0; i < m.size(); ++i) {
-      g_sgemm(kRowMajor, trans_a[i], trans_b[i], m[i], n[i], k[i], 1.0f, a[i], lda[i], b[i], ldb[i],
-              0.0f, c[i], ldc[i]);
-    }
-  }
-};
-
-using Rows = ffi::Buffer<ffi::F32, 2>;  // [N, cols]
-using Sizes = ffi::Buffer<ffi::S32, 1>;  // [E]
-
-// Each group's first row, clamped so that no group reaches past `rows` (negative sizes count as 0).
-// Returns the end of the last group.
-int64_t GroupStarts(Sizes sizes, int64_t rows, int64_t* starts, int64_t* counts) {
-  const int64_t groups = sizes.dimensions()[0];
-  const int32_t* s = sizes.typed_data();
-  int64_t start = 0;
-  for (int64_t e = 0; e < groups; ++e) {
-    starts[e] = start;
-    counts[e] = std::min<int64_t>(std::max<int32_t>(s[e], 0), rows - start);
-    start += counts[e];
-  }
-  return start;
 }
 
 ffi::Error GroupedGemm(Rows x, Stack w, Sizes sizes, ffi::Result<Rows> y, bool transpose_w) {
@@ -176,10 +116,13 @@ ffi::Error GroupedOuter(Rows x, Rows dy, Sizes sizes, ffi::Result<Stack> dw) {
 }  // namespace
 
 extern "C" void glam_set_sgemm(void* sgemm, void* sgemm_batch_strided, void* sgemm_batch) {
-  g_sgemm = reinterpret_cast<Sgemm>(sgemm);
-  g_sgemm_batch_strided = reinterpret_cast<SgemmBatchStrided>(sgemm_batch_strided);
-  g_sgemm_batch = reinterpret_cast<SgemmBatch>(sgemm_batch);
+  glam::g_sgemm = reinterpret_cast<glam::Sgemm>(sgemm);
+  glam::g_sgemm_batch_strided = reinterpret_cast<glam::SgemmBatchStrided>(sgemm_batch_strided);
+  glam::g_sgemm_batch = reinterpret_cast<glam::SgemmBatch>(sgemm_batch);
 }
+
+namespace ffi = xla::ffi;
+using glam::Rows, glam::Sizes, glam::Stack;
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GlamCblasGemm, Gemm,
                               ffi::Ffi::Bind()

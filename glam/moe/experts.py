@@ -6,11 +6,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from glam.kernels import expert_ffn
 from glam.kernels.matmul import matmul
 from glam.layers.context import LayerContext, dropout
 from glam.layers.feedforward import GATED, apply_activation, check_activation
 from glam.moe.chunked_ffn import chunked_ffn, padded_ffn
-from glam.moe.grouped_matmul import grouped_matmul
+from glam.moe.grouped_matmul import grouped_matmul, resolve_implementation
 
 DROPOUT_SALT = 3  # FeedForward uses 2, attention 1: expert dropout draws its own mask
 
@@ -66,12 +67,21 @@ class Experts(nnx.Module):
               implementation: str = "auto", block_size: int = 256) -> jax.Array:
     """rows [N, d_model] sorted by expert, group_sizes [E] int32 (sum <= N) -> [N, d_model].
 
-    Each row goes through its expert's FFN; rows after sum(group_sizes) give zeros.
+    Each row goes through its expert's FFN; rows after sum(group_sizes) give zeros. Where the
+    grouped matmul runs on the CBLAS kernel the whole FFN is one custom call each way
+    (glam/kernels/expert_ffn.py), except with expert dropout in training.
     """
     if group_sizes.shape != (self.num_experts,):
       raise ValueError(f"Experts.grouped: group_sizes has shape {group_sizes.shape}, "
                        f"expected ({self.num_experts},)")
     dt = self.dtype
+    w_gate = self.wi_gate[...].astype(dt) if self.wi_gate is not None else None
+    weights = (self.wi[...].astype(dt), w_gate, self.wo[...].astype(dt))
+    activation = GATED.get(self.activation, self.activation)
+    if (resolve_implementation(implementation, binding="Experts.grouped", dtype=dt) == "cblas"
+        and expert_ffn.supported(activation, rows.astype(dt), *weights)
+        and (self.dropout_rate == 0 or ctx.deterministic)):
+      return expert_ffn.expert_ffn(rows.astype(dt), *weights, group_sizes, activation)  # [N, d_model]
 
     def per_expert(x, w):
       return grouped_matmul(x, w[...].astype(dt), group_sizes, implementation=implementation,
