@@ -1,9 +1,12 @@
 // The experts' whole feed-forward network in one XLA FFI custom call each way, on rows sorted by
 // expert (group_sizes [E] int32, read on the host as in cblas_gemm.cc):
 //
-//   forward:   h = x wi[e],  g = x wg[e] (gated only),  a = act(g) * h (gated) or act(h),  y = a wo[e]
-//              x [N, D], wi, wg [E, D, F], wo [E, F, D] -> y [N, D], and h, g [N, F] for the backward
-//   backward:  dy [N, D] and the forward's h, g -> dx [N, D], dwi, dwg [E, D, F], dwo [E, F, D]
+//   forward:   rows = x[row_token],  h = rows wi[e],  g = rows wg[e] (gated only),
+//              a = act(g) * h (gated) or act(h),  y = a wo[e]
+//              x [T, D] (tokens), row_token [N] int32, wi, wg [E, D, F], wo [E, F, D]
+//              -> y [N, D], and h, g [N, F] for the backward
+//   backward:  dy [N, D] and the forward's h, g -> dx [T, D] (each token's rows summed), dwi, dwg
+//              [E, D, F], dwo [E, F, D]
 //
 // Why one call instead of a grouped matmul per weight and XLA's elementwise ops between them: the
 // sgemms of a stage go to the library in one batched call (both input projections together, the
@@ -30,6 +33,7 @@ namespace {
 using namespace glam;  // NOLINT: this file's kernels are glam's
 
 enum Activation : int32_t { kGelu = 0, kRelu = 1, kSilu = 2 };
+using Index = ffi::Buffer<ffi::S32, 1>;  // [N] each row's token
 
 // exp(x) for float, written so that the loops below vectorize: Cody-Waite range reduction
 // x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial for e^r (Cephes expf's coefficients) and
@@ -214,18 +218,49 @@ bool Matches(Rows x, Stack wi, const Stack* wg, Stack wo, Sizes sizes, int64_t* 
   return same(wi, *d, *f) && (wg == nullptr || same(*wg, *d, *f)) && same(wo, *f, *d);
 }
 
-ffi::Error Forward(Rows x, Stack wi, const Stack* wg, Stack wo, Sizes sizes, Rows* y, Rows* h, Rows* g,
-                   int32_t act) {
+// rows[r] = x[row_token[r]] for the first `used` rows (zeros where the token is out of range): the
+// experts' input in expert order, gathered here rather than by XLA, so that it never becomes an XLA
+// buffer of its own (the backward gathers it again, which costs less than keeping it).
+void GatherRows(Rows x, Index row_token, int64_t used, float* rows) {
+  const int64_t tokens = x.dimensions()[0], d = x.dimensions()[1];
+  const int32_t* token = row_token.typed_data();
+  for (int64_t r = 0; r < used; ++r) {
+    if (token[r] >= 0 && token[r] < tokens) {
+      std::memcpy(rows + r * d, x.typed_data() + token[r] * d, sizeof(float) * d);
+    } else {
+      std::memset(rows + r * d, 0, sizeof(float) * d);
+    }
+  }
+}
+
+// dx[t] = the sum of d_rows[r] over the rows r < used whose token is t: the gather's gradient.
+void AddRowsToTokens(const float* d_rows, Index row_token, int64_t used, Rows* dx) {
+  const int64_t tokens = dx->dimensions()[0], d = dx->dimensions()[1];
+  const int32_t* token = row_token.typed_data();
+  float* out = dx->typed_data();
+  std::memset(out, 0, sizeof(float) * tokens * d);
+  for (int64_t r = 0; r < used; ++r) {
+    if (token[r] < 0 || token[r] >= tokens) continue;
+    float* target = out + token[r] * d;
+    const float* source = d_rows + r * d;
+    for (int64_t j = 0; j < d; ++j) target[j] += source[j];
+  }
+}
+
+ffi::Error Forward(Rows x, Index row_token, Stack wi, const Stack* wg, Stack wo, Sizes sizes, Rows* y, Rows* h,
+                   Rows* g, int32_t act) {
   if (g_sgemm == nullptr) return ffi::Error::Internal("glam_expert_ffn: no sgemm was set");
   int64_t d, f;
-  const int64_t rows = x.dimensions()[0];
+  const int64_t rows = row_token.dimensions()[0];
   if (!Matches(x, wi, wg, wo, sizes, &d, &f) || y->dimensions()[0] != rows || y->dimensions()[1] != d ||
       h->dimensions()[0] != rows || h->dimensions()[1] != f) {
     return ffi::Error::InvalidArgument("glam_expert_ffn: operand shapes do not match");
   }
   const Groups groups = Bounds(sizes, rows);
   const int64_t experts = groups.counts.size(), used = groups.used;
-  const float* xp = x.typed_data();
+  ScratchPool::Buffer xs = Scratch().Take(used * d), a = Scratch().Take(used * f);
+  float *xp = xs.data(), *ap = a.data();
+  GatherRows(x, row_token, used, xp);
   float *hp = h->typed_data(), *gp = g ? g->typed_data() : nullptr, *yp = y->typed_data();
   SgemmList inputs;  // h = x wi[e] and g = x wg[e], every expert in one call
   for (int64_t e = 0; e < experts; ++e) {
@@ -238,8 +273,6 @@ ffi::Error Forward(Rows x, Stack wi, const Stack* wg, Stack wo, Sizes sizes, Row
     }
   }
   inputs.Run();
-  ScratchPool::Buffer a = Scratch().Take(used * f);
-  float* ap = a.data();
   ActivationForward(act, hp, gp, ap, used * f);
   SgemmList outputs;  // y = a wo[e]
   for (int64_t e = 0; e < experts; ++e) {
@@ -253,24 +286,26 @@ ffi::Error Forward(Rows x, Stack wi, const Stack* wg, Stack wo, Sizes sizes, Row
   return ffi::Error::Success();
 }
 
-ffi::Error Backward(Rows x, Stack wi, const Stack* wg, Stack wo, Sizes sizes, Rows h, const Rows* g, Rows dy,
-                    Rows* dx, Stack* dwi, Stack* dwg, Stack* dwo, int32_t act) {
+ffi::Error Backward(Rows x, Index row_token, Stack wi, const Stack* wg, Stack wo, Sizes sizes, Rows h,
+                    const Rows* g, Rows dy, Rows* dx, Stack* dwi, Stack* dwg, Stack* dwo, int32_t act) {
   if (g_sgemm == nullptr) return ffi::Error::Internal("glam_expert_ffn_bwd: no sgemm was set");
   int64_t d, f;
-  const int64_t rows = x.dimensions()[0];
+  const int64_t rows = row_token.dimensions()[0];
   if (!Matches(x, wi, wg, wo, sizes, &d, &f) || h.dimensions()[0] != rows || h.dimensions()[1] != f ||
-      dy.dimensions()[0] != rows || dy.dimensions()[1] != d || dx->dimensions()[0] != rows ||
+      dy.dimensions()[0] != rows || dy.dimensions()[1] != d || dx->dimensions()[0] != x.dimensions()[0] ||
       dx->dimensions()[1] != d) {
     return ffi::Error::InvalidArgument("glam_expert_ffn_bwd: operand shapes do not match");
   }
   const Groups groups = Bounds(sizes, rows);
   const int64_t experts = groups.counts.size(), used = groups.used;
-  const float *xp = x.typed_data(), *hp = h.typed_data(), *gp = g ? g->typed_data() : nullptr;
+  const float *hp = h.typed_data(), *gp = g ? g->typed_data() : nullptr;
   const float* dyp = dy.typed_data();
-  float *dxp = dx->typed_data(), *dwip = dwi->typed_data(), *dwop = dwo->typed_data();
+  float *dwip = dwi->typed_data(), *dwop = dwo->typed_data();
   float* dwgp = dwg ? dwg->typed_data() : nullptr;
+  ScratchPool::Buffer xs = Scratch().Take(used * d), dxs = Scratch().Take(used * d);
   ScratchPool::Buffer a = Scratch().Take(used * f), da = Scratch().Take(used * f);
-  float *ap = a.data(), *dap = da.data();
+  float *xp = xs.data(), *dxp = dxs.data(), *ap = a.data(), *dap = da.data();
+  GatherRows(x, row_token, used, xp);
   ActivationForward(act, hp, gp, ap, used * f);  // the forward's a, again
   SgemmList through_wo;  // dwo[e] = a_e^T dy_e, da = dy wo[e]^T
   for (int64_t e = 0; e < experts; ++e) {
@@ -301,7 +336,7 @@ ffi::Error Backward(Rows x, Stack wi, const Stack* wg, Stack wo, Sizes sizes, Ro
     }
     through_wg.Run();
   }
-  ZeroRows(dxp, used, rows, d);
+  AddRowsToTokens(dxp, row_token, used, dx);
   ZeroEmptyExperts(groups, dwip, d * f);
   ZeroEmptyExperts(groups, dwop, f * d);
   if (dwgp) ZeroEmptyExperts(groups, dwgp, d * f);
@@ -315,10 +350,11 @@ using glam::Rows, glam::Sizes, glam::Stack;
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     GlamExpertFfnGated,
-    [](Rows x, Stack wi, Stack wg, Stack wo, Sizes sizes, ffi::Result<Rows> y, ffi::Result<Rows> h,
-       ffi::Result<Rows> g, int32_t act) { return Forward(x, wi, &wg, wo, sizes, &*y, &*h, &*g, act); },
+    [](Rows x, Index row_token, Stack wi, Stack wg, Stack wo, Sizes sizes, ffi::Result<Rows> y, ffi::Result<Rows> h,
+       ffi::Result<Rows> g, int32_t act) { return Forward(x, row_token, wi, &wg, wo, sizes, &*y, &*h, &*g, act); },
     ffi::Ffi::Bind()
         .Arg<Rows>()
+        .Arg<Index>()
         .Arg<Stack>()
         .Arg<Stack>()
         .Arg<Stack>()
@@ -330,20 +366,27 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     GlamExpertFfn,
-    [](Rows x, Stack wi, Stack wo, Sizes sizes, ffi::Result<Rows> y, ffi::Result<Rows> h, int32_t act) {
-      return Forward(x, wi, nullptr, wo, sizes, &*y, &*h, nullptr, act);
-    },
-    ffi::Ffi::Bind().Arg<Rows>().Arg<Stack>().Arg<Stack>().Arg<Sizes>().Ret<Rows>().Ret<Rows>().Attr<int32_t>(
-        "activation"));
+    [](Rows x, Index row_token, Stack wi, Stack wo, Sizes sizes, ffi::Result<Rows> y, ffi::Result<Rows> h,
+       int32_t act) { return Forward(x, row_token, wi, nullptr, wo, sizes, &*y, &*h, nullptr, act); },
+    ffi::Ffi::Bind()
+        .Arg<Rows>()
+        .Arg<Index>()
+        .Arg<Stack>()
+        .Arg<Stack>()
+        .Arg<Sizes>()
+        .Ret<Rows>()
+        .Ret<Rows>()
+        .Attr<int32_t>("activation"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     GlamExpertFfnGatedBwd,
-    [](Rows x, Stack wi, Stack wg, Stack wo, Sizes sizes, Rows h, Rows g, Rows dy, ffi::Result<Rows> dx,
-       ffi::Result<Stack> dwi, ffi::Result<Stack> dwg, ffi::Result<Stack> dwo, int32_t act) {
-      return Backward(x, wi, &wg, wo, sizes, h, &g, dy, &*dx, &*dwi, &*dwg, &*dwo, act);
+    [](Rows x, Index row_token, Stack wi, Stack wg, Stack wo, Sizes sizes, Rows h, Rows g, Rows dy,
+       ffi::Result<Rows> dx, ffi::Result<Stack> dwi, ffi::Result<Stack> dwg, ffi::Result<Stack> dwo, int32_t act) {
+      return Backward(x, row_token, wi, &wg, wo, sizes, h, &g, dy, &*dx, &*dwi, &*dwg, &*dwo, act);
     },
     ffi::Ffi::Bind()
         .Arg<Rows>()
+        .Arg<Index>()
         .Arg<Stack>()
         .Arg<Stack>()
         .Arg<Stack>()
@@ -359,12 +402,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     GlamExpertFfnBwd,
-    [](Rows x, Stack wi, Stack wo, Sizes sizes, Rows h, Rows dy, ffi::Result<Rows> dx, ffi::Result<Stack> dwi,
-       ffi::Result<Stack> dwo, int32_t act) {
-      return Backward(x, wi, nullptr, wo, sizes, h, nullptr, dy, &*dx, &*dwi, nullptr, &*dwo, act);
+    [](Rows x, Index row_token, Stack wi, Stack wo, Sizes sizes, Rows h, Rows dy, ffi::Result<Rows> dx,
+       ffi::Result<Stack> dwi, ffi::Result<Stack> dwo, int32_t act) {
+      return Backward(x, row_token, wi, nullptr, wo, sizes, h, nullptr, dy, &*dx, &*dwi, nullptr, &*dwo, act);
     },
     ffi::Ffi::Bind()
         .Arg<Rows>()
+        .Arg<Index>()
         .Arg<Stack>()
         .Arg<Stack>()
         .Arg<Sizes>()

@@ -66,10 +66,12 @@ def gather_padded(x, routing, experts, ctx, capacity: int, overflow_chunk: int, 
       routing.expert_index.reshape(assignments), rank.reshape(assignments), keep.reshape(assignments),
       kept_sizes, slots, overflow_rows)
   main_rows = num_experts * slots
-  rows = to_expert_rows(x.reshape(groups * tokens, d_model), row_assignment, assignment_row, k)
+  x_tokens = x.reshape(groups * tokens, d_model)
   if slots == 0:
-    out = experts.grouped(rows, overflow_sizes, ctx, implementation="cblas")  # [kept rows, d_model]
+    out = experts.grouped_tokens(x_tokens, row_assignment, assignment_row, k, overflow_sizes, ctx,
+                                 implementation="cblas")  # [kept rows, d_model]
   else:
+    rows = to_expert_rows(x_tokens, row_assignment, assignment_row, k)
     main_out, overflow_out = experts.padded(rows[:main_rows].reshape(num_experts, slots, d_model),
                                             rows[main_rows:], overflow_sizes, ctx, chunk=overflow_chunk)
     out = jnp.concatenate([main_out.reshape(main_rows, d_model), overflow_out.astype(main_out.dtype)])

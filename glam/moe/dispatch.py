@@ -297,6 +297,6 @@ class Dropless:
 
   def _sorted(self, x_tokens, expert, k, experts, ctx):
     order, inverse, group_sizes = sort_by_expert(expert, experts.num_experts)  # sorted row <-> assignment
-    rows = to_expert_rows(x_tokens, order, inverse, k)  # [assignments, d_model]
-    out = experts.grouped(rows, group_sizes, ctx, implementation=self.implementation, block_size=self.block_size)
+    out = experts.grouped_tokens(x_tokens, order, inverse, k, group_sizes, ctx, implementation=self.implementation,
+                                 block_size=self.block_size)  # [assignments, d_model] in expert order
     return to_assignments(out, order, inverse), group_sizes

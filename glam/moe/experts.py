@@ -12,6 +12,7 @@ from glam.layers.context import LayerContext, dropout
 from glam.layers.feedforward import GATED, apply_activation, check_activation
 from glam.moe.chunked_ffn import chunked_ffn, padded_ffn
 from glam.moe.grouped_matmul import grouped_matmul, resolve_implementation
+from glam.moe.row_maps import to_expert_rows
 
 DROPOUT_SALT = 3  # FeedForward uses 2, attention 1: expert dropout draws its own mask
 
@@ -71,27 +72,49 @@ class Experts(nnx.Module):
     grouped matmul runs on the CBLAS kernel the whole FFN is one custom call each way
     (glam/kernels/expert_ffn.py), except with expert dropout in training.
     """
-    if group_sizes.shape != (self.num_experts,):
-      raise ValueError(f"Experts.grouped: group_sizes has shape {group_sizes.shape}, "
-                       f"expected ({self.num_experts},)")
-    dt = self.dtype
-    w_gate = self.wi_gate[...].astype(dt) if self.wi_gate is not None else None
-    weights = (self.wi[...].astype(dt), w_gate, self.wo[...].astype(dt))
-    activation = GATED.get(self.activation, self.activation)
-    if (resolve_implementation(implementation, binding="Experts.grouped", dtype=dt) == "cblas"
-        and expert_ffn.supported(activation, rows.astype(dt), *weights)
-        and (self.dropout_rate == 0 or ctx.deterministic)):
-      return expert_ffn.expert_ffn(rows.astype(dt), *weights, group_sizes, activation)  # [N, d_model]
+    if self._fused(rows, group_sizes, ctx, implementation):
+      return self._expert_ffn(rows, jnp.arange(rows.shape[0], dtype=jnp.int32), group_sizes)
+    rows = rows.astype(self.dtype)
 
     def per_expert(x, w):
-      return grouped_matmul(x, w[...].astype(dt), group_sizes, implementation=implementation,
+      return grouped_matmul(x, w[...].astype(self.dtype), group_sizes, implementation=implementation,
                             block_size=block_size)
 
-    rows = rows.astype(dt)
     hidden = per_expert(rows, self.wi)  # [N, d_ff]
     gate = per_expert(rows, self.wi_gate) if self.wi_gate is not None else None  # [N, d_ff]
     hidden = dropout(apply_activation(self.activation, hidden, gate), self.dropout_rate, ctx, DROPOUT_SALT)
     return per_expert(hidden, self.wo)  # [N, d_model]
+
+  def grouped_tokens(self, x: jax.Array, row_assignment: jax.Array, assignment_row: jax.Array, k: int,
+                     group_sizes: jax.Array, ctx: LayerContext, *, implementation: str = "auto",
+                     block_size: int = 256) -> jax.Array:
+    """`grouped` on the rows to_expert_rows(x, row_assignment, assignment_row, k) gathers from the
+    tokens x [T, d_model] (glam/moe/row_maps.py): [rows, d_model]. On the fused kernel the gather
+    and its gradient (each token's rows summed) happen inside the custom calls, so the gathered
+    rows never become an XLA buffer."""
+    if self._fused(x, group_sizes, ctx, implementation, rows=row_assignment.shape[0]):
+      row_token = jnp.where(row_assignment < assignment_row.shape[0], row_assignment // k, x.shape[0])
+      return self._expert_ffn(x, row_token, group_sizes)
+    rows = to_expert_rows(x, row_assignment, assignment_row, k)  # [rows, d_model]
+    return self.grouped(rows, group_sizes, ctx, implementation=implementation, block_size=block_size)
+
+  def _weights(self):
+    dt = self.dtype
+    return (self.wi[...].astype(dt), self.wi_gate[...].astype(dt) if self.wi_gate is not None else None,
+            self.wo[...].astype(dt))
+
+  def _fused(self, x, group_sizes, ctx, implementation: str, rows: int | None = None) -> bool:
+    if group_sizes.shape != (self.num_experts,):
+      raise ValueError(f"Experts.grouped: group_sizes has shape {group_sizes.shape}, "
+                       f"expected ({self.num_experts},)")
+    return (resolve_implementation(implementation, binding="Experts.grouped", dtype=self.dtype) == "cblas"
+            and (self.dropout_rate == 0 or ctx.deterministic)
+            and expert_ffn.supported(GATED.get(self.activation, self.activation), x.astype(self.dtype),
+                                     *self._weights(), rows=rows))
+
+  def _expert_ffn(self, x, row_token, group_sizes):
+    activation = GATED.get(self.activation, self.activation)
+    return expert_ffn.expert_ffn(x.astype(self.dtype), row_token, *self._weights(), group_sizes, activation)
 
   def chunked(self, rows: jax.Array, group_sizes: jax.Array, ctx: LayerContext, *, chunk: int = 32) -> jax.Array:
     """Like `grouped`, but each chunk of rows goes through the whole FFN at once (see chunked_ffn.py):
