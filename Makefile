@@ -18,8 +18,9 @@ demo: $(STAMP)
 	rm -rf runs/demo
 	$(BIN)/glam demo --model_dir=runs/demo
 
+# Two workers, each taking whole test files (module fixtures compile once): XLA compiles on one core.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_train_step.py

@@ -13,10 +13,10 @@ Environment: the command restarts itself once so that glibc's malloc uses transp
 (9-17% faster CPU steps; GLAM_HUGE_PAGES=0 turns it off; glam/train/huge_pages.py).
 GLAM_RETAIN_HOST_MEMORY=1 keeps freed host memory in the process, so long CPU runs stop
 page-faulting XLA's per-step temporaries (slower compiles; see README, "The glam command").
-On one CPU device float32 matmuls, the experts' grouped ones included, run on oneMKL through a
-custom call compiled on first use into GLAM_KERNEL_CACHE (default ~/.cache/glam/kernels; another
-CBLAS library: GLAM_CBLAS_LIBRARY; XLA's own dots: --gin.matmul.backend="'xla'"; README, "oneMKL
-matmuls"). JAX_COMPILATION_CACHE_DIR=DIR lets a rerun load its compiled programs from DIR.
+On one CPU device float32 matmuls, and the experts' whole FFN, run on oneMKL (Intel CPUs) or OpenBLAS
+(others) through custom calls compiled on first use into GLAM_KERNEL_CACHE (default
+~/.cache/glam/kernels; another CBLAS library: GLAM_CBLAS_LIBRARY; OpenBLAS's kernels:
+GLAM_OPENBLAS_CORETYPE; XLA's own dots: --gin.matmul.backend="'xla'"; README, "CBLAS matmuls"). JAX_COMPILATION_CACHE_DIR=DIR lets a rerun load its compiled programs from DIR.
 """
 import argparse
 import json

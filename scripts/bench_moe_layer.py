@@ -8,7 +8,7 @@ expert weights, the input and the gates) divided by that of a dense SwiGLU FFN w
 k * expert hidden on the same tokens, written with 2-D matmuls on [tokens, d_model] (the fastest
 dense form; glam's FeedForward on [groups, tokens, d_model] is timed beside it as
 glam_feedforward_ms). Both sides multiply with glam.kernels.matmul, so on one CPU device both run
-on oneMKL's sgemm (matmul_backend in each row; `--gin=matmul.backend='xla'` for XLA's dots). Runs are interleaved (dense, then each dispatcher, in turn) so that a busy
+on the CBLAS kernel's sgemm (oneMKL or OpenBLAS; matmul_backend in each row; `--gin=matmul.backend='xla'` for XLA's dots). Runs are interleaved (dense, then each dispatcher, in turn) so that a busy
 machine slows all of them alike; cpu_time_ratio is the same ratio of process CPU seconds. The routing is fixed (a random softmax router's top-k), so only
 dispatch and experts are compared. One JSON line per (size, dispatcher); ragged_dot (a CPU
 fallback doing num_experts times the work) only for sizes with at most 8 experts.
@@ -50,11 +50,11 @@ TEST_SIZES = [  # --size=test: a tiny shape for the test of this script's proces
 ]
 DISPATCHERS = {  # name -> (dispatcher, target ratio from the issue, note)
     "capacity_1.25": (CapacityEinsum(capacity_factor=1.25), 1.3,
-                      "gather placement (auto on CPU): kept assignments sorted on the oneMKL grouped matmul, "
+                      "gather placement (auto on CPU): kept assignments sorted on the fused expert FFN kernel, "
                       "else in the padded layout"),
     "capacity_1.25_einsum": (CapacityEinsum(capacity_factor=1.25, implementation="einsum"), None,
                              "GShard one-hot einsums"),
-    "dropless": (Dropless(), 1.2, "auto: the oneMKL grouped matmul on one CPU device (else padded)"),
+    "dropless": (Dropless(), 1.2, "auto: the fused expert FFN on the CBLAS kernel on one CPU device (else padded)"),
     "dropless_padded": (Dropless(implementation="padded"), None,
                         "padded [E, C] einsum + chunked overflow (auto on CPU without the kernel)"),
     "dropless_blocked": (Dropless(implementation="blocked"), None, "every row through the blocked grouped matmul"),

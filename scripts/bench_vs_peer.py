@@ -50,10 +50,10 @@ SHAPE = [f"DecoderLM.vocab_size = {VOCAB}", "DecoderLM.d_model = 512", "DecoderL
          "MoeLayer.router = @TokenChoiceRouter", "TokenChoiceRouter.k = 2",
          "MoeLayer.load_balance_weight = 0.01", "MoeLayer.z_loss_weight = 0.0",
          "MoeLayer.group_size = 2048"]
-DISPATCHERS = {"dropless": "MoeLayer.dispatcher = @Dropless()",  # auto: oneMKL's grouped matmul on one CPU device
+DISPATCHERS = {"dropless": "MoeLayer.dispatcher = @Dropless()",  # auto: the fused expert FFN kernel on one CPU device
                "dropless_blocked": "MoeLayer.dispatcher = @Dropless()\nDropless.implementation = 'blocked'",
                "capacity_1.25": "MoeLayer.dispatcher = @CapacityEinsum()\nCapacityEinsum.capacity_factor = 1.25"}
-# The same on XLA's own dots instead of oneMKL's sgemm (glam/kernels/matmul.py), for the A/B in one run
+# The same on XLA's own dots instead of the CBLAS kernel (glam/kernels/matmul.py), for the A/B in one run
 DISPATCHERS.update({f"{name}_xla_dots": f"{bindings}\nmatmul.backend = 'xla'" for name, bindings in list(DISPATCHERS.items())})
 
 

@@ -1,4 +1,4 @@
-"""The experts' whole FFN on oneMKL / OpenBLAS in one custom call each way (expert_ffn.cc).
+"""The experts' whole FFN on the CBLAS kernel (oneMKL or OpenBLAS) in one custom call each way (expert_ffn.cc).
 
     rows = x[row_token]                                       (gathered in the kernel)
     y[rows of e] = act(rows_e wi[e]) wo[e]                         plain (gelu, relu, silu)

@@ -1,4 +1,5 @@
-"""A grouped (ragged) float32 matmul on oneMKL's sgemm: one sgemm per group over exactly its rows.
+"""A grouped (ragged) float32 matmul on a CBLAS sgemm (glam/kernels/cblas.py: oneMKL or OpenBLAS): one
+sgemm per group over exactly its rows, all groups in one batched library call.
 
     y[rows of group e] = x[rows of group e] @ w[e]      x [N, K] sorted by group, w [E, K, F]
 

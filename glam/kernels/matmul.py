@@ -1,5 +1,5 @@
-"""Matmuls that run on a CBLAS library's sgemm (oneMKL on Intel CPUs) on a single CPU device, and as
-XLA dots everywhere else.
+"""Matmuls that run on a CBLAS library's sgemm (oneMKL on Intel CPUs, OpenBLAS on others) on a single
+CPU device, and as XLA dots everywhere else.
 
     matmul(a, b)                    a [M, K] @ b [K, N]  or batched  a [B, M, K] @ b [B, K, N]
     matmul(a, b, transpose_b=True)  a [M, K] @ b[N, K]^T (the logits against an embedding table)
@@ -9,17 +9,19 @@ XLA dots everywhere else.
 - "cblas": the custom call of cblas_gemm.cc, forward and backward (da = g b^T, db = a^T g, each
   one sgemm), on the library glam/kernels/cblas.py finds; float32 only, other dtypes stay on XLA;
   an error if the kernel cannot be loaded;
-- "auto" (default): "cblas" when JAX's default backend is the CPU, there is one device, the CPU is
-  Intel's and the kernel loads on oneMKL; "xla" otherwise. One device, because the custom call has
-  no sharding rule for GSPMD to partition it by; forcing "cblas" on a mesh of several devices is
-  untested.
+- "auto" (default): "cblas" when JAX's default backend is the CPU, there is one device and the
+  kernel loads, except on oneMKL on a CPU that is not Intel's (where oneMKL takes its generic code
+  path; glam/kernels/cblas.py picks OpenBLAS there when it is installed, as it is with glam);
+  "xla" otherwise. One device, because the custom call has no sharding rule for GSPMD to partition
+  it by; forcing "cblas" on a mesh of several devices is untested.
+The experts' grouped matmul and fused FFN (glam/kernels/grouped.py, expert_ffn.py) follow the same
+rule (glam/moe/grouped_matmul.py).
 
 Why: on an Intel CPU at the race's shapes oneMKL's sgemm took 12-17% less time than XLA:CPU's dots
 for the logits' gradients and the experts' batched matmuls (scratch, 2026-11-25 13:45 UTC), and
-matmuls are about 70% of a train step. Elsewhere XLA's dots are the faster: on an AMD EPYC with
-AVX-512 (2026-12-07) XLA ran a 2048^3 float32 matmul at 0.35-0.36 TFLOP/s, oneMKL at 0.17-0.18 and
-OpenBLAS at about 0.21 (the grouped matmul of the experts still runs on OpenBLAS there:
-glam/moe/grouped_matmul.py).
+matmuls are about 70% of a train step. On an AMD EPYC with AVX-512 (2026-12-07, scratch) a 2048^3
+float32 matmul ran at 0.35-0.36 TFLOP/s on XLA, 0.17-0.18 on oneMKL and 0.41-0.42 on OpenBLAS,
+whose forward+backward through the kernel took 0-17% less time than XLA's at the model's shapes.
 """
 import functools
 
@@ -67,8 +69,8 @@ def describe_backend(dtype=jnp.float32) -> str:
           "matmul included (matmul.backend)")
 
 
-# The kernel passes sizes, leading dimensions and strides as CBLAS's 32-bit ints (oneMKL's LP64
-# interface): larger operands go to XLA rather than overflow.
+# The kernel passes sizes, leading dimensions and strides as CBLAS's 32-bit ints (the LP64
+# interfaces of oneMKL and scipy-openblas32): larger operands go to XLA rather than overflow.
 INT32_MAX = 2 ** 31 - 1
 
 

@@ -44,7 +44,7 @@ def gather_every_slot(x, routing, experts, ctx, capacity: int):
 def gather_padded(x, routing, experts, ctx, capacity: int, overflow_chunk: int, padded_capacity_factor: float):
   """The padded layout of Dropless "padded" for the kept assignments: each expert runs its first
   `slots` (padded_capacity_factor times its perfectly balanced load, over all groups) in one batched
-  einsum and the rest of what it keeps chunk by chunk. Where the grouped matmul runs on oneMKL
+  einsum and the rest of what it keeps chunk by chunk. Where the grouped matmul runs on the CBLAS kernel
   (glam/kernels/grouped.py), every kept assignment goes to the sorted rows instead (no slots):
   each expert computes exactly what it keeps. Same result as the einsums."""
   groups, tokens, d_model = x.shape

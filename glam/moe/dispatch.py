@@ -4,10 +4,10 @@ CapacityEinsum (GShard / flaxformer): every expert has a fixed number of slots p
 choice: the dispatch and combine tensors [groups, tokens, experts, capacity] place assignments in
 slots and bring the gated outputs back; assignments past capacity are dropped (the token gets
 nothing from that expert; the residual connection around the layer carries it). On CPU the kept
-assignments use Dropless's layout instead (below: sorted on oneMKL, else padded), so empty slots
+assignments use Dropless's layout instead (below: sorted on the CBLAS kernel, else padded), so empty slots
 cost nothing. Expert choice: each expert's slots are its chosen tokens, so nothing is dropped.
 
-Dropless: nothing is dropped. Sorted (GPU/TPU; one CPU device with oneMKL; or "blocked"): sort the
+Dropless: nothing is dropped. Sorted (GPU/TPU; one CPU device with the CBLAS kernel; or "blocked"): sort the
 (token, choice) assignments by expert, run the experts' grouped matmuls on the sorted rows, unsort
 and combine. Padded (other CPU set-ups): each expert's first C assignments fill C slots run as one
 batched einsum, the rest run chunk by chunk (glam/moe/chunked_ffn.py).
@@ -59,7 +59,7 @@ class CapacityEinsum:
       fill its slots (a little over its balanced share), the few past them run chunk by chunk, so
       the experts compute the kept assignments and few empty slots; on CPU at 2048 tokens, d_model
       512, 8 experts, top-2 the layer's forward+backward is 1.15-1.26x a dense FFN's, against 2.0-2.4x for
-      einsum; where the grouped matmul runs on oneMKL (one CPU device), the kept assignments go
+      einsum; where the grouped matmul runs on the CBLAS kernel (one CPU device), the kept assignments go
       to it sorted by expert instead, no slots at all), or "auto" (einsum on GPU/TPU, gather elsewhere).
       All give the same result. With groups or experts split over devices, or expert dropout in
       training, "gather" runs every [experts, groups * capacity] slot as the einsums do.
@@ -210,8 +210,9 @@ class Dropless:
   Choices with gate 0 (not routed) skip the experts. Two layouts:
   - "cblas" / "ragged_dot" / "blocked" (sorted): sort every assignment by expert and run the grouped
     matmul on all of them. "ragged_dot" is native on GPU/TPU (on CPU a fallback doing num_experts
-    times the work); "cblas" (the default on one CPU device where float32 matmuls run on oneMKL)
-    is one oneMKL sgemm per expert over exactly its rows (glam/kernels/grouped.py); "blocked" the
+    times the work); "cblas" (the default on one CPU device where the CBLAS kernel loads: oneMKL or
+    OpenBLAS) is one sgemm per expert over exactly its rows, the whole expert FFN in one custom call
+    each way (glam/kernels/expert_ffn.py); "blocked" the
     portable XLA loop (glam/moe/grouped_matmul.py).
   - "padded" (the CPU default elsewhere: several devices, no kernel, other dtypes): each expert
     gets `capacity = ceil(padded_capacity_factor * k * tokens / experts)` slots filled in token

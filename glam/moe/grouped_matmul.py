@@ -5,7 +5,7 @@
 "ragged_dot" is `jax.lax.ragged_dot`, native on GPU and TPU. XLA:CPU has no kernel for it: JAX
 lowers it by masking the whole input once per group, E times the work.
 
-"cblas" is the CPU default where float32 matmuls run on oneMKL (one device, glam.kernels.matmul):
+"cblas" is the CPU default where the CBLAS kernel runs (one device, glam.kernels.matmul's rule):
 a custom call doing one sgemm per group over exactly its rows (glam/kernels/grouped.py); operands
 it does not take (other dtypes, empty, past CBLAS's 32-bit sizes) go to "blocked".
 
@@ -28,11 +28,11 @@ rest (about 0.4x of the dense FFN) is memory traffic a batched einsum does not h
 XLA:CPU dot cannot read or write at a dynamic offset: each chunk's input is sliced out, its output
 written back, each group's weight copied out of the stack, each dw chunk added to an accumulator.
 
-Because of that traffic, Dropless on CPU without the oneMKL kernel (several devices, other dtypes)
+Because of that traffic, Dropless on CPU without the CBLAS kernel (several devices, other dtypes)
 uses a padded layout instead (a batched einsum over [experts, capacity] slots plus a chunked pass
 over the overflow: dispatch.py, chunked_ffn.py); this blocked path stays for
 Dropless(implementation="blocked") and expert-parallel dispatch on several devices. The "cblas"
-custom call has none of that traffic: oneMKL's sgemm reads and writes each group's rows in place.
+custom call has none of that traffic: the library's sgemm reads and writes each group's rows in place.
 
 Rows after sum(group_sizes) belong to no group: their output and their gradient are zero (as
 with ragged_dot).
@@ -52,7 +52,7 @@ TAIL_SIZES = 8  # the tail chunk is rounded up to a multiple of block_size / 8 r
 def resolve_implementation(implementation: str, binding: str = "grouped_matmul.implementation",
                            dtype=jnp.float32) -> str:
   """"auto" -> "ragged_dot" where it is native (GPU, TPU), "cblas" where float32 matmuls run on
-  oneMKL (glam.kernels.matmul: one CPU device), "blocked" elsewhere."""
+  the CBLAS kernel (glam.kernels.matmul: one CPU device), "blocked" elsewhere."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"{binding}={implementation!r}: expected one of {list(IMPLEMENTATIONS)}")
   if implementation == "auto":
