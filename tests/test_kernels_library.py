@@ -109,6 +109,19 @@ PRODUCTS = textwrap.dedent("""
     a, b = jax.random.normal(jax.random.key(2), (3, 7, 4)), jax.random.normal(jax.random.key(3), (3, 5, 7))
     np.testing.assert_allclose(gemm(a, b, transpose_a=True, transpose_b=True, backend="cblas"),
                                np.swapaxes(np.asarray(a), 1, 2) @ np.swapaxes(np.asarray(b), 1, 2), rtol=1e-5, atol=1e-5)
+    # the fused expert FFN, forward and backward (its input gradient accumulates with beta = 1)
+    from glam.kernels.expert_ffn import expert_ffn
+    from glam.moe.grouped_matmul import grouped_matmul
+    wg, wo = jax.random.normal(jax.random.key(4), (3, 6, 5)), jax.random.normal(jax.random.key(5), (3, 5, 6))
+    rows = jnp.arange(40, dtype=jnp.int32)
+    def fused(x, w, wg, wo):
+      return jnp.sum(jnp.sin(expert_ffn(x, rows, w, wg, wo, sizes, "silu")))
+    def unfused(x, w, wg, wo):
+      mm = lambda a, b: grouped_matmul(a, b, sizes, implementation="blocked")
+      return jnp.sum(jnp.sin(mm(jax.nn.silu(mm(x, wg)) * mm(x, w), wo)))
+    got, want = (jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))(x, w, wg, wo) for f in (fused, unfused))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     core = None
     if hasattr(ctypes.CDLL(library.path), "scipy_openblas_get_corename"):
       name = ctypes.CDLL(library.path).scipy_openblas_get_corename
@@ -130,7 +143,8 @@ def run_products(**env):
 @pytest.mark.parametrize("distribution,prefix", [("mkl", "libmkl_rt.so"), ("scipy-openblas32", "libscipy_openblas")])
 def test_both_libraries_compute_the_kernels_products(distribution, prefix):
   """Each library the kernels may run on (named by GLAM_CBLAS_LIBRARY, as a user would) gives the
-  products of numpy: the plain, batched, grouped and outer sgemm calls, empty groups included."""
+  products of numpy: the plain, batched, grouped and outer sgemm calls, empty groups included, and
+  the fused expert FFN's values and gradients those of the portable grouped matmuls."""
   path = cblas._installed(distribution, prefix)
   assert path is not None, f"{distribution} is installed by `make install`"
   assert run_products(GLAM_CBLAS_LIBRARY=path)["library"] == "GLAM_CBLAS_LIBRARY"
