@@ -65,8 +65,8 @@ def describe_backend(dtype=jnp.float32) -> str:
   """What `glam train` prints: where matmuls of `dtype` run."""
   if resolve_backend(dtype) == "xla":
     return "XLA's own dots (matmul.backend)"
-  return (f"{cblas.loaded_library().describe()} through glam's sgemm custom call, the experts' grouped "
-          "matmul included (matmul.backend)")
+  return (f"{cblas.loaded_library().describe()} through glam's sgemm custom calls, the experts' whole FFN "
+          "included (matmul.backend)")
 
 
 # The kernel passes sizes, leading dimensions and strides as CBLAS's 32-bit ints (the LP64
