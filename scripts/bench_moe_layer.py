@@ -9,8 +9,9 @@ k * expert hidden on the same tokens, written with 2-D matmuls on [tokens, d_mod
 dense form; glam's FeedForward on [groups, tokens, d_model] is timed beside it as
 glam_feedforward_ms). Both sides multiply with glam.kernels.matmul, so on one CPU device both run
 on the CBLAS kernel's sgemm (oneMKL or OpenBLAS; matmul_backend in each row; `--gin=matmul.backend='xla'` for XLA's dots). Runs are interleaved (dense, then each dispatcher, in turn) so that a busy
-machine slows all of them alike; cpu_time_ratio is the same ratio of process CPU seconds. The routing is fixed (a random softmax router's top-k), so only
-dispatch and experts are compared. One JSON line per (size, dispatcher); ragged_dot (a CPU
+machine slows all of them alike; cpu_time_ratio is the same ratio of process CPU seconds. The routing is fixed (a random softmax router's top-k; for the
+expert_choice row each expert's top tokens * k / experts tokens), so only dispatch and experts are
+compared. One JSON line per (size, dispatcher); ragged_dot (a CPU
 fallback doing num_experts times the work) only for sizes with at most 8 experts.
 
 Each (size, dispatcher) runs in a process of its own, beside its own dense baseline, as a training
@@ -34,7 +35,7 @@ from glam.layers.context import LayerContext
 from glam.layers.feedforward import FeedForward
 from glam.moe.dispatch import CapacityEinsum, Dropless
 from glam.moe.experts import Experts
-from glam.moe.routers import TokenChoiceRouting
+from glam.moe.routers import ExpertChoiceRouting, TokenChoiceRouting
 from glam.train.host_memory import retain_freed_host_memory
 from glam.train.huge_pages import reexec_with_huge_pages
 
@@ -60,7 +61,11 @@ DISPATCHERS = {  # name -> (dispatcher, target ratio from the issue, note)
     "dropless_blocked": (Dropless(implementation="blocked"), None, "every row through the blocked grouped matmul"),
     "dropless_ragged_dot": (Dropless(implementation="ragged_dot"), None,
                             "CPU fallback: JAX masks the input once per expert"),
+    "expert_choice": (CapacityEinsum(), None,
+                      "expert-choice routing with c = k (each expert takes tokens * k / experts tokens: the "
+                      "same FLOPs), gather placement"),
 }
+EXPERT_CHOICE = {"expert_choice"}  # rows routed by fixed_expert_choice instead of fixed_routing
 RAGGED_DOT_MAX_EXPERTS = 8  # the CPU fallback does num_experts times the work: skipped above this
 
 
@@ -71,6 +76,15 @@ def fixed_routing(x, num_experts: int, k: int, seed: int = 1) -> TokenChoiceRout
   gates, index = jax.lax.top_k(probs, k)
   gates = gates / jnp.sum(gates, axis=-1, keepdims=True)  # GShard renormalises the top-k
   return TokenChoiceRouting(index.astype(jnp.int32), gates, probs, logits, None)
+
+
+def fixed_expert_choice(x, num_experts: int, k: int, seed: int = 1) -> ExpertChoiceRouting:
+  """Expert choice from the same random router: each expert takes its tokens * k / experts
+  best-scoring tokens of the group (capacity factor c = k, so the FLOPs equal top-k's)."""
+  routing = fixed_routing(x, num_experts, k, seed)
+  capacity = x.shape[1] * k // num_experts
+  gates, token_index = jax.lax.top_k(jnp.swapaxes(routing.probs, 1, 2), capacity)  # [groups, experts, capacity]
+  return ExpertChoiceRouting(token_index.astype(jnp.int32), gates, routing.probs, routing.logits)
 
 
 def train_ctx():
@@ -142,11 +156,12 @@ def bench(size: dict, reps: int, only_dispatchers=None) -> list[dict]:
   x = jax.random.normal(jax.random.key(0), (tokens // size["group"], size["group"], d_model))
   experts = Experts(d_model, num_experts, d_ff=hidden, activation="swiglu", rngs=nnx.Rngs(0))
   routing = fixed_routing(x, num_experts, k)
+  expert_choice = fixed_expert_choice(x, num_experts, k)
   ffn = FeedForward(d_model, d_ff=k * hidden, activation="swiglu", rngs=nnx.Rngs(0))
   steps = {"dense": dense_step(ffn), "feedforward": feedforward_step(ffn)}
   names = dispatcher_names(size, only_dispatchers)
   for name in names:
-    steps[name] = moe_step(DISPATCHERS[name][0], experts, routing)
+    steps[name] = moe_step(DISPATCHERS[name][0], experts, expert_choice if name in EXPERT_CHOICE else routing)
   best, best_cpu = interleaved_minimums(steps, x, reps)
   load = jnp.bincount(routing.expert_index.reshape(-1), length=num_experts)
   rows = []
@@ -157,7 +172,7 @@ def bench(size: dict, reps: int, only_dispatchers=None) -> list[dict]:
                glam_feedforward_ms=round(best["feedforward"] * 1e3, 1),
                ratio=round(best[name] / best["dense"], 3),
                cpu_time_ratio=round(best_cpu[name] / best_cpu["dense"], 3),
-               target=target, max_expert_load=round(float(load.max() / load.sum()), 4), note=note,
+               target=target, max_expert_load=round(1 / num_experts if name in EXPERT_CHOICE else float(load.max() / load.sum()), 4), note=note,
                device=jax.devices()[0].device_kind, dtype="float32", reps=reps, pid=os.getpid(),
                matmul_backend=resolve_backend(jnp.float32))
     rows.append(row)

@@ -123,10 +123,13 @@ MOE_LM = ["DecoderLM.vocab_size = 64", "DecoderLM.d_model = 16", "DecoderLM.num_
 
 @pytest.mark.parametrize("dispatcher", [["MoeLayer.dispatcher = @Dropless()"],
                                         ["MoeLayer.dispatcher = @Dropless()", "Dropless.implementation = 'padded'"],
-                                        ["MoeLayer.dispatcher = @CapacityEinsum()"]], ids=["sorted", "padded", "capacity"])
+                                        ["MoeLayer.dispatcher = @CapacityEinsum()"],
+                                        ["MoeLayer.dispatcher = @CapacityEinsum()", "MoeLayer.router = @ExpertChoiceRouter",
+                                         "ExpertChoiceRouter.capacity_factor = 2.0"]],
+                         ids=["sorted", "padded", "capacity", "expert_choice"])
 def test_a_moe_model_trains_the_same_on_either_backend(dispatcher):
-  """Logits (untied), attention projections, the grouped experts (Dropless and CapacityEinsum on
-  the kernel) and the padded experts' hand-written backward all run on the kernel: the loss and
+  """Logits (untied), attention projections, the grouped experts (Dropless, CapacityEinsum and
+  expert choice on the fused kernel) and the padded experts' hand-written backward all run on the kernel: the loss and
   every parameter's gradient match XLA's dots."""
   from glam.models.lm import DecoderLM
   ids = jax.random.randint(jax.random.key(0), (2, 16), 0, 64)

@@ -194,6 +194,33 @@ def test_expert_choice_equals_a_loop_over_experts(implementation):
   assert float(stats["dropped_fraction"]) == 0.0
 
 
+@pytest.mark.skipif(cblas.load() is not None, reason="the CBLAS kernel does not load here")
+def test_expert_choice_on_the_fused_kernel_equals_the_einsums(matmul_backend):
+  """Expert choice's gather placement on the fused expert FFN (the kernel gathers each expert's
+  tokens and sums the gradients of tokens that several experts chose): values and gradients of the
+  weights, tokens and gates as the one-hot einsums give them, and the kernel really runs."""
+  experts = make_experts()
+  groups, tokens, capacity = 2, 8, 3
+  x = jax.random.normal(jax.random.key(3), (groups, tokens, D_MODEL))
+  logits = jax.random.normal(jax.random.key(4), (groups, tokens, EXPERTS))
+  logits += 3 * jax.random.normal(jax.random.key(5), (groups, tokens, 1))  # tokens all experts like
+  scores = jax.nn.sigmoid(logits)
+  gates, token_index = jax.lax.top_k(jnp.swapaxes(scores, 1, 2), capacity)  # [groups, experts, capacity]
+  routing = ExpertChoiceRouting(token_index.astype(jnp.int32), gates, scores, None)
+  chosen = np.bincount(np.asarray(token_index[0]).ravel(), minlength=tokens)
+  assert chosen.max() > 1 and chosen.min() == 0  # some token by several experts, some by none
+  matmul_backend("xla")
+  y_ref, grads_ref = forward_and_grads(CapacityEinsum(implementation="einsum"), experts, x, routing)
+  matmul_backend("cblas")  # what "auto" picks on one CPU device
+  gather = CapacityEinsum(implementation="gather")
+  y, grads = forward_and_grads(gather, experts, x, routing)
+  np.testing.assert_allclose(y, y_ref, atol=1e-5)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):  # experts, x, gates
+    np.testing.assert_allclose(got, want, atol=1e-5)
+  hlo = jax.jit(lambda x: gather(x, routing, experts, CTX)[0]).lower(x).as_text()
+  assert "glam_expert_ffn" in hlo
+
+
 def test_expert_load_sums_to_one_and_drops_are_counted():
   experts = make_experts()
   x = jax.random.normal(jax.random.key(1), (2, 16, D_MODEL))

@@ -72,8 +72,8 @@ class Experts(nnx.Module):
     grouped matmul runs on the CBLAS kernel the whole FFN is one custom call each way
     (glam/kernels/expert_ffn.py), except with expert dropout in training.
     """
-    if self._fused(rows, group_sizes, ctx, implementation):
-      return self._expert_ffn(rows, jnp.arange(rows.shape[0], dtype=jnp.int32), group_sizes)
+    if self.runs_fused(rows, group_sizes, ctx, implementation):
+      return self.fused_ffn(rows, jnp.arange(rows.shape[0], dtype=jnp.int32), group_sizes)
     rows = rows.astype(self.dtype)
 
     def per_expert(x, w):
@@ -92,9 +92,9 @@ class Experts(nnx.Module):
     tokens x [T, d_model] (glam/moe/row_maps.py): [rows, d_model]. On the fused kernel the gather
     and its gradient (each token's rows summed) happen inside the custom calls, so the gathered
     rows never become an XLA buffer."""
-    if self._fused(x, group_sizes, ctx, implementation, rows=row_assignment.shape[0]):
+    if self.runs_fused(x, group_sizes, ctx, implementation, rows=row_assignment.shape[0]):
       row_token = jnp.where(row_assignment < assignment_row.shape[0], row_assignment // k, x.shape[0])
-      return self._expert_ffn(x, row_token, group_sizes)
+      return self.fused_ffn(x, row_token, group_sizes)
     rows = to_expert_rows(x, row_assignment, assignment_row, k)  # [rows, d_model]
     return self.grouped(rows, group_sizes, ctx, implementation=implementation, block_size=block_size)
 
@@ -103,7 +103,10 @@ class Experts(nnx.Module):
     return (self.wi[...].astype(dt), self.wi_gate[...].astype(dt) if self.wi_gate is not None else None,
             self.wo[...].astype(dt))
 
-  def _fused(self, x, group_sizes, ctx, implementation: str, rows: int | None = None) -> bool:
+  def runs_fused(self, x, group_sizes, ctx, implementation: str = "auto", rows: int | None = None) -> bool:
+    """Whether `fused_ffn` takes rows gathered from x [T, d_model] (rows of them, default T): where
+    the grouped matmul `implementation` resolves to the CBLAS kernel, without expert dropout in
+    training, for an FFN the kernel supports."""
     if group_sizes.shape != (self.num_experts,):
       raise ValueError(f"Experts.grouped: group_sizes has shape {group_sizes.shape}, "
                        f"expected ({self.num_experts},)")
@@ -112,7 +115,9 @@ class Experts(nnx.Module):
             and expert_ffn.supported(GATED.get(self.activation, self.activation), x.astype(self.dtype),
                                      *self._weights(), rows=rows))
 
-  def _expert_ffn(self, x, row_token, group_sizes):
+  def fused_ffn(self, x, row_token, group_sizes):
+    """The FFN of rows x[row_token] (sorted by expert, group_sizes [E]) in one custom call each way
+    (glam/kernels/expert_ffn.py): [rows, d_model]. Only where runs_fused says so."""
     activation = GATED.get(self.activation, self.activation)
     return expert_ffn.expert_ffn(x.astype(self.dtype), row_token, *self._weights(), group_sizes, activation)
 
