@@ -172,7 +172,8 @@ def bench(size: dict, reps: int, only_dispatchers=None) -> list[dict]:
                glam_feedforward_ms=round(best["feedforward"] * 1e3, 1),
                ratio=round(best[name] / best["dense"], 3),
                cpu_time_ratio=round(best_cpu[name] / best_cpu["dense"], 3),
-               target=target, max_expert_load=round(1 / num_experts if name in EXPERT_CHOICE else float(load.max() / load.sum()), 4), note=note,
+               target=target, note=note,
+               max_expert_load=round(1 / num_experts if name in EXPERT_CHOICE else float(load.max() / load.sum()), 4),
                device=jax.devices()[0].device_kind, dtype="float32", reps=reps, pid=os.getpid(),
                matmul_backend=resolve_backend(jnp.float32))
     rows.append(row)

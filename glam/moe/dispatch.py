@@ -50,7 +50,8 @@ class CapacityEinsum:
   apply to it. Its gather placement sends every expert's chosen tokens (the same count for each)
   through Experts' batched matmuls, or, where the fused expert FFN runs (one CPU device), through
   the kernel, which gathers the tokens itself: at 4096 tokens, d_model 256, 32 experts, c = 2 the
-  layer's forward+backward went from 1.31x to 1.08x an equal-FLOP dense FFN.
+  layer's forward+backward went from 1.31x to 1.08-1.21x an equal-FLOP dense FFN (2026-12-08, AMD
+  EPYC, OpenBLAS; scripts/bench_moe_layer.py's expert_choice row).
 
   Args:
     capacity_factor: in training (GShard / mesh-TF: 1.25).

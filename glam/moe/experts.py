@@ -108,7 +108,7 @@ class Experts(nnx.Module):
     the grouped matmul `implementation` resolves to the CBLAS kernel, without expert dropout in
     training, for an FFN the kernel supports."""
     if group_sizes.shape != (self.num_experts,):
-      raise ValueError(f"Experts.grouped: group_sizes has shape {group_sizes.shape}, "
+      raise ValueError(f"Experts: group_sizes has shape {group_sizes.shape}, "
                        f"expected ({self.num_experts},)")
     return (resolve_implementation(implementation, binding="Experts.grouped", dtype=self.dtype) == "cblas"
             and (self.dropout_rate == 0 or ctx.deterministic)
